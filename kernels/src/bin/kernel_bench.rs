@@ -1,0 +1,161 @@
+//! Throughput of the hot kernels at DeepSeek-like shapes.
+//!
+//! Run with `cargo run -p kernels --release --bin kernel-bench`. Each line reports the best
+//! of a few repetitions, which is the figure least disturbed by other load on the machine.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use kernels::{
+    gemv_t, indexer_topk, matmul_t, select_topk, sparse_mla_attention, IndexerInputs,
+    MlaAttentionInputs,
+};
+
+/// Deterministic filler (xorshift), so runs are comparable.
+fn fill(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Best wall time of `reps` runs of `f`, in seconds.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up: page faults, rayon pool start, caches
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn row(name: &str, time: f64, flops: f64, extra: &str) {
+    println!(
+        "{name:<46} {:>10.3} ms {:>9.1} GFLOP/s  {extra}",
+        time * 1e3,
+        flops / time / 1e9
+    );
+}
+
+fn bench_matmul(m: usize, k: usize, n: usize, reps: usize) {
+    let x = fill(m * k, 1);
+    let w = fill(n * k, 2);
+    let mut out = vec![0.0f32; m * n];
+    let t = best(reps, || matmul_t(black_box(&x), black_box(&w), &mut out, m, k, n));
+    row(&format!("matmul_t m={m} k={k} n={n}"), t, 2.0 * (m * n * k) as f64, "");
+}
+
+fn bench_gemv(k: usize, n: usize) {
+    let x = fill(k, 3);
+    let w = fill(n * k, 4);
+    let mut out = vec![0.0f32; n];
+    let t = best(30, || gemv_t(black_box(&x), black_box(&w), &mut out, k, n));
+    let gbs = (4 * n * k) as f64 / t / 1e9;
+    row(&format!("gemv_t k={k} n={n}"), t, 2.0 * (n * k) as f64, &format!("{gbs:.1} GB/s"));
+}
+
+fn bench_indexer(n_keys: usize) {
+    let (heads, dim, topk, rows, block_size) = (16, 128, 2048, 256, 64);
+    let q = fill(rows * heads * dim, 5);
+    let weights: Vec<f32> = fill(rows * heads, 6).iter().map(|w| w * 0.02).collect();
+    let keys = fill(n_keys * dim, 7);
+    let blocks: Vec<&[f32]> = keys.chunks(block_size * dim).collect();
+    let positions: Vec<usize> = (n_keys - rows..n_keys).collect();
+    let inp = IndexerInputs {
+        q: &q,
+        weights: &weights,
+        key_blocks: &blocks,
+        block_size,
+        positions: &positions,
+        heads,
+        dim,
+        topk,
+    };
+    let mut out = Vec::new();
+    let t = best(3, || indexer_topk(black_box(&inp), &mut out));
+    let flops: f64 = positions.iter().map(|&p| 2.0 * (heads * dim * (p + 1)) as f64).sum();
+    let per_row = t / rows as f64 * 1e6;
+    row(
+        &format!("indexer_topk {n_keys} keys, {rows} rows, h16 d128 k2048"),
+        t,
+        flops,
+        &format!("{per_row:.1} us/row"),
+    );
+
+    // Decode: one row at the end of the context.
+    let last = [n_keys - 1];
+    let inp = IndexerInputs {
+        q: &q[..heads * dim],
+        weights: &weights[..heads],
+        positions: &last,
+        ..inp
+    };
+    let t = best(20, || indexer_topk(black_box(&inp), &mut out));
+    let flops = 2.0 * (heads * dim * n_keys) as f64;
+    row(&format!("indexer_topk {n_keys} keys, 1 row (decode)"), t, flops, "");
+}
+
+fn bench_topk() {
+    let scores = fill(32 * 1024, 8);
+    let mut out = Vec::new();
+    let t = best(50, || select_topk(black_box(&scores), 2048, &mut out));
+    println!("{:<46} {:>10.3} ms", "select_topk n=32768 k=2048", t * 1e3);
+}
+
+fn bench_attention(rows: usize) {
+    let (heads, rank, rope, n_sel, n_keys, block_size) = (16, 512, 64, 2048, 16384, 64);
+    let q_latent = fill(rows * heads * rank, 9);
+    let q_rope = fill(rows * heads * rope, 10);
+    // Small values keep the softmax from collapsing onto a single key.
+    let ckv: Vec<f32> = fill(n_keys * rank, 11).iter().map(|v| v * 0.1).collect();
+    let kpe = fill(n_keys * rope, 12);
+    let ckv_blocks: Vec<&[f32]> = ckv.chunks(block_size * rank).collect();
+    let kpe_blocks: Vec<&[f32]> = kpe.chunks(block_size * rope).collect();
+    // Every 8th key, offset per row: spread over the cache like a real selection.
+    let selected: Vec<Vec<u32>> =
+        (0..rows).map(|r| (0..n_sel as u32).map(|i| i * 8 + (r as u32 % 8)).collect()).collect();
+    let inp = MlaAttentionInputs {
+        q_latent: &q_latent,
+        q_rope: &q_rope,
+        ckv_blocks: &ckv_blocks,
+        kpe_blocks: &kpe_blocks,
+        block_size,
+        selected: &selected,
+        heads,
+        kv_rank: rank,
+        rope_dim: rope,
+        scale: 192f32.powf(-0.5),
+    };
+    let mut out = vec![0.0f32; rows * heads * rank];
+    let t = best(5, || sparse_mla_attention(black_box(&inp), &mut out));
+    let flops = (rows * heads * n_sel) as f64 * (2.0 * (rank + rope) as f64 + 2.0 * rank as f64);
+    let per_row = t / rows as f64 * 1e6;
+    row(
+        &format!("sparse_mla_attention {rows} rows, h16 r512 p64 2048 keys"),
+        t,
+        flops,
+        &format!("{per_row:.1} us/row"),
+    );
+}
+
+fn main() {
+    println!("rayon threads: {}", rayon::current_num_threads());
+    bench_matmul(1024, 1024, 1024, 5);
+    bench_matmul(4096, 2048, 2048, 3);
+    for m in 1..=4 {
+        bench_matmul(m, 4096, 4096, 20);
+    }
+    bench_gemv(4096, 4096);
+    bench_indexer(4096);
+    bench_indexer(16384);
+    bench_topk();
+    bench_attention(1);
+    bench_attention(64);
+}

@@ -1,0 +1,256 @@
+//! The DeepSeek Sparse Attention "lightning indexer": per query row, score every earlier key
+//! with `I[t,s] = Σ_h w[t,h] · ReLU(q[t,h] · k[s])` and keep the top-k positions.
+//!
+//! The product `q · k` for a chunk of rows and a tile of keys is one GEMM with all heads of
+//! all rows stacked as GEMM rows; the ReLU, head weights and head sum are folded into the
+//! chunk's score matrix right after, while the tile's logits are still in cache. Logits for
+//! all rows × heads × keys never exist at once.
+
+use std::mem;
+
+use rayon::prelude::*;
+
+use crate::linear::matmul_t_with;
+use crate::simd::{fmadd, multiversion};
+use crate::topk::select_topk;
+
+/// Target GEMM height (`chunk rows × heads`): tall enough that the packed key tile is reused
+/// by many query vectors, small enough that a tile's logits stay in L2.
+const CHUNK_QUERY_VECTORS: usize = 512;
+/// Bounds on query rows per chunk.
+const MIN_CHUNK_ROWS: usize = 8;
+const MAX_CHUNK_ROWS: usize = 32;
+/// Keys per GEMM tile. Paged blocks smaller than this are copied together into one
+/// contiguous tile so that each GEMM call is large enough to amortize its packing.
+const TILE_KEYS: usize = 256;
+
+/// Inputs of [`indexer_topk`] for one sequence.
+pub struct IndexerInputs<'a> {
+    /// rows × heads × dim query vectors (RoPE already applied).
+    pub q: &'a [f32],
+    /// rows × heads head weights, already multiplied by every scale (heads^-0.5 · dim^-0.5).
+    pub weights: &'a [f32],
+    /// Paged indexer-key cache: block b holds keys of positions b*block_size ..
+    /// (b+1)*block_size, each `dim` floats (block slice length block_size*dim; the last
+    /// block may be only partly valid).
+    pub key_blocks: &'a [&'a [f32]],
+    /// Keys per cache block.
+    pub block_size: usize,
+    /// Absolute position t of each query row; row t scores keys 0..=t (causal, current token
+    /// included).
+    pub positions: &'a [usize],
+    /// Indexer heads.
+    pub heads: usize,
+    /// Indexer head dimension.
+    pub dim: usize,
+    /// Keys to keep per row.
+    pub topk: usize,
+}
+
+/// For each row: indices (sorted ascending) of the min(topk, t+1) keys with the highest score
+/// I[t,s] = Σ_h weights[t,h] · ReLU(q[t,h]·k[s]), ties broken as in select_topk.
+///
+/// `out` is resized to the number of rows; existing inner vectors are reused. Rows with
+/// `t + 1 <= topk` get `0..=t` without any scoring (attention is dense there).
+///
+/// Scored rows are sorted by position and processed in chunks of 8–32 rows (about 512
+/// query vectors). Within a chunk, key tiles are scored in parallel and then rows select in
+/// parallel; chunks run one after another, which is what bounds memory. Scratch, independent
+/// of the number of rows:
+/// - chunk scores: `chunk_rows × (max position in chunk + 1)` floats (rounded up to a tile);
+/// - per running tile task: `chunk_rows·heads × 256` logits plus a 256 × `dim` key tile;
+/// - per running select task: one row of scores as `f32`, and as packed `u64` keys.
+pub fn indexer_topk(inp: &IndexerInputs<'_>, out: &mut Vec<Vec<u32>>) {
+    let rows = inp.positions.len();
+    let (heads, dim) = (inp.heads, inp.dim);
+    debug_assert_eq!(inp.q.len(), rows * heads * dim, "indexer: q is not rows×heads×dim");
+    debug_assert_eq!(inp.weights.len(), rows * heads, "indexer: weights is not rows×heads");
+    debug_assert!(inp.block_size > 0, "indexer: block_size is 0");
+    out.resize_with(rows, Vec::new);
+
+    let mut scored = Vec::new();
+    for (r, &t) in inp.positions.iter().enumerate() {
+        if t < inp.topk {
+            out[r].clear();
+            out[r].extend(0..=t as u32);
+        } else {
+            scored.push(r);
+        }
+    }
+    if scored.is_empty() {
+        return;
+    }
+    // Rows of similar position share a chunk, so few keys are scored past a row's own end.
+    scored.sort_by_key(|&r| inp.positions[r]);
+
+    let chunk_rows = (CHUNK_QUERY_VECTORS / heads.max(1)).clamp(MIN_CHUNK_ROWS, MAX_CHUNK_ROWS);
+    let mut chunk = ChunkScratch::default();
+    for rows in scored.chunks(chunk_rows) {
+        chunk.score(inp, rows);
+        let tile = chunk.tile_keys;
+        let stride = rows.len() * tile;
+        let mut results: Vec<(usize, Vec<u32>)> =
+            rows.iter().map(|&r| (r, mem::take(&mut out[r]))).collect();
+        let scores = &chunk.scores;
+        results
+            .par_iter_mut()
+            .enumerate()
+            .for_each_init(Vec::new, |row_scores, (i, (r, sel))| {
+                // Gather the row out of the tile-major score layout, up to its own position.
+                let n = inp.positions[*r] + 1;
+                row_scores.clear();
+                for (ti, tile_scores) in scores.chunks(stride).enumerate() {
+                    let valid = (n - (ti * tile).min(n)).min(tile);
+                    if valid == 0 {
+                        break;
+                    }
+                    row_scores.extend_from_slice(&tile_scores[i * tile..][..valid]);
+                }
+                select_topk(row_scores, inp.topk, sel);
+            });
+        for (r, sel) in results {
+            out[r] = sel;
+        }
+    }
+}
+
+/// Reusable per-call buffers for one chunk of rows.
+#[derive(Default)]
+struct ChunkScratch {
+    /// The chunk's query vectors, contiguous: (chunk_rows·heads) × dim.
+    q: Vec<f32>,
+    /// The chunk's head weights: chunk_rows × heads.
+    weights: Vec<f32>,
+    /// Scores, tile-major: tile × chunk_rows × tile_keys, so that each tile task owns one
+    /// contiguous slice.
+    scores: Vec<f32>,
+    /// Keys per tile for the current call.
+    tile_keys: usize,
+}
+
+/// Per-task buffers of a tile task.
+#[derive(Default)]
+struct TileScratch {
+    /// Contiguous copy of the tile's keys when it spans several paged blocks.
+    keys: Vec<f32>,
+    /// GEMM output: (chunk_rows·heads) × keys in the tile.
+    logits: Vec<f32>,
+}
+
+impl ChunkScratch {
+    /// Fills `self.scores` for `rows`, covering keys `0..=max position` of the chunk.
+    fn score(&mut self, inp: &IndexerInputs<'_>, rows: &[usize]) {
+        let (heads, dim, bs) = (inp.heads, inp.dim, inp.block_size);
+        let qv = heads * dim;
+        self.q.clear();
+        self.weights.clear();
+        for &r in rows {
+            self.q.extend_from_slice(&inp.q[r * qv..(r + 1) * qv]);
+            self.weights.extend_from_slice(&inp.weights[r * heads..(r + 1) * heads]);
+        }
+        let n_keys = rows.iter().map(|&r| inp.positions[r]).max().unwrap_or(0) + 1;
+        // Whole blocks per tile; a block bigger than TILE_KEYS is one tile, used in place.
+        let blocks_per_tile = TILE_KEYS.div_ceil(bs).max(1);
+        let tile = blocks_per_tile * bs;
+        let n_tiles = n_keys.div_ceil(tile);
+        self.tile_keys = tile;
+        let stride = rows.len() * tile;
+        self.scores.clear();
+        self.scores.resize(n_tiles * stride, 0.0);
+        debug_assert!(
+            inp.key_blocks.len() >= n_keys.div_ceil(bs),
+            "indexer: key cache has fewer blocks than positions need"
+        );
+
+        let (q, weights) = (&self.q, &self.weights);
+        let m = rows.len() * heads;
+        self.scores
+            .par_chunks_mut(stride)
+            .enumerate()
+            .for_each_init(TileScratch::default, |s, (ti, scores)| {
+                let first = ti * tile;
+                let valid = tile.min(n_keys - first);
+                let keys: &[f32] = if blocks_per_tile == 1 {
+                    &inp.key_blocks[ti][..valid * dim]
+                } else {
+                    s.keys.clear();
+                    let mut left = valid;
+                    for block in &inp.key_blocks[ti * blocks_per_tile..] {
+                        if left == 0 {
+                            break;
+                        }
+                        let take = left.min(bs);
+                        s.keys.extend_from_slice(&block[..take * dim]);
+                        left -= take;
+                    }
+                    &s.keys
+                };
+                s.logits.resize(m * valid, 0.0);
+                matmul_t_with(q, keys, &mut s.logits, m, dim, valid, false);
+                fold_heads(&s.logits, weights, scores, heads, valid, tile);
+            });
+    }
+}
+
+multiversion! {
+    /// `scores[r][j] = Σ_h weights[r][h] · ReLU(logits[r·heads + h][j])` for `j < valid`;
+    /// `scores` rows are `stride` apart, `logits` rows `valid` apart.
+    fn fold_heads(
+        logits: &[f32],
+        weights: &[f32],
+        scores: &mut [f32],
+        heads: usize,
+        valid: usize,
+        stride: usize,
+    ) => fold_heads_impl
+}
+
+#[inline(always)]
+fn fold_heads_impl<const FMA: bool>(
+    logits: &[f32],
+    weights: &[f32],
+    scores: &mut [f32],
+    heads: usize,
+    valid: usize,
+    stride: usize,
+) {
+    #[inline(always)]
+    fn relu(v: f32) -> f32 {
+        // Written as a select (not `f32::max`) so it lowers to one vector max instruction.
+        if v > 0.0 {
+            v
+        } else {
+            0.0
+        }
+    }
+    if heads == 0 || valid == 0 {
+        return;
+    }
+    for (r, w) in weights.chunks_exact(heads).enumerate() {
+        let row = &mut scores[r * stride..][..valid];
+        let l = &logits[r * heads * valid..][..heads * valid];
+        row.fill(0.0);
+        // Four heads per pass: one load and store of the score row per four logit rows.
+        let mut h = 0;
+        while h + 4 <= heads {
+            let (l0, l1) = (&l[h * valid..][..valid], &l[(h + 1) * valid..][..valid]);
+            let (l2, l3) = (&l[(h + 2) * valid..][..valid], &l[(h + 3) * valid..][..valid]);
+            for j in 0..valid {
+                let a = fmadd::<FMA>(w[h], relu(l0[j]), w[h + 1] * relu(l1[j]));
+                let b = fmadd::<FMA>(w[h + 2], relu(l2[j]), w[h + 3] * relu(l3[j]));
+                row[j] += a + b;
+            }
+            h += 4;
+        }
+        for h in h..heads {
+            let lh = &l[h * valid..][..valid];
+            for j in 0..valid {
+                row[j] = fmadd::<FMA>(w[h], relu(lh[j]), row[j]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "indexer_tests.rs"]
+mod tests;

@@ -1,0 +1,154 @@
+//! Top-k index selection with a deterministic total order.
+//!
+//! Every (score, index) pair is packed into one `u64` whose unsigned order is exactly the
+//! selection order — score descending, NaN as `-inf`, `-0.0 == 0.0`, then lower index
+//! first — so `select_nth_unstable` runs on plain integers (no comparator closure, no
+//! indirection through the score array) and the result cannot depend on the algorithm's
+//! internal pivoting.
+
+use std::cell::RefCell;
+
+thread_local! {
+    /// Reused packed-key buffer: the indexer calls `select_topk` once per query row with up
+    /// to context-length scores, and a fresh allocation of that size per row would go
+    /// through `mmap` each time. Grows to the largest input seen on the thread (8 bytes per
+    /// score).
+    static KEYS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Maps a score to a `u32` whose unsigned order is the score's numeric order.
+#[inline]
+fn ordered_bits(score: f32) -> u32 {
+    let s = if score.is_nan() {
+        f32::NEG_INFINITY
+    } else if score == 0.0 {
+        0.0 // Folds -0.0 into +0.0: they compare equal, so the index must decide.
+    } else {
+        score
+    };
+    let b = s.to_bits();
+    // Negative floats order backwards as integers, so flip all their bits; set the sign bit
+    // of positives so they land above every negative.
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// Writes to `out` (cleared first) the indices of the `min(k, scores.len())` largest
+/// scores, sorted ascending by index.
+///
+/// Order: higher score first; equal scores prefer the lower index; NaN counts as `-inf`.
+/// Expected O(n + k log k): a linear-time selection, then a sort of the k winners only.
+/// When `k >= scores.len()` this returns `0..len` without looking at the scores.
+pub fn select_topk(scores: &[f32], k: usize, out: &mut Vec<u32>) {
+    out.clear();
+    let n = scores.len();
+    debug_assert!(n <= u32::MAX as usize, "select_topk: index does not fit in u32");
+    if k >= n {
+        out.extend(0..n as u32);
+        return;
+    }
+    if k == 0 {
+        return;
+    }
+    KEYS.with(|keys| {
+        let mut keys = keys.borrow_mut();
+        keys.clear();
+        // `!index` in the low half makes the lower index the larger key among equal scores.
+        keys.extend(
+            scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| ((ordered_bits(s) as u64) << 32) | (!(i as u32)) as u64),
+        );
+        keys.select_nth_unstable(n - k);
+        out.extend(keys[n - k..].iter().map(|&key| !(key as u32)));
+    });
+    out.sort_unstable();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::Rng;
+
+    /// Full-sort reference with the documented order.
+    fn reference(scores: &[f32], k: usize) -> Vec<u32> {
+        let key = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
+        let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
+        idx.sort_by(|&a, &b| {
+            key(scores[b as usize])
+                .partial_cmp(&key(scores[a as usize]))
+                .unwrap()
+                .then(a.cmp(&b))
+        });
+        idx.truncate(k);
+        idx.sort_unstable();
+        idx
+    }
+
+    #[test]
+    fn matches_full_sort_on_random_inputs() {
+        let mut rng = Rng::new(40);
+        let mut out = Vec::new();
+        for &(n, k) in &[(1, 0), (2, 1), (10, 3), (100, 1), (100, 99), (1000, 17), (5000, 2048)] {
+            // Few distinct values, so ties are common.
+            let scores: Vec<f32> = (0..n).map(|_| (rng.below(50) as f32) - 25.0).collect();
+            select_topk(&scores, k, &mut out);
+            assert_eq!(out, reference(&scores, k), "n={n} k={k}");
+            let scores = rng.vec(n);
+            select_topk(&scores, k, &mut out);
+            assert_eq!(out, reference(&scores, k), "n={n} k={k}");
+        }
+    }
+
+    #[test]
+    fn ties_prefer_lower_index_and_zero_signs_tie() {
+        let mut out = vec![99];
+        select_topk(&[1.0, 2.0, 2.0, 2.0, 0.5], 2, &mut out);
+        assert_eq!(out, [1, 2]);
+        select_topk(&[0.0, -0.0, 0.0, -0.0], 2, &mut out);
+        assert_eq!(out, [0, 1]);
+        select_topk(&[-0.0, 0.0, -1.0], 1, &mut out);
+        assert_eq!(out, [0]);
+    }
+
+    #[test]
+    fn nan_counts_as_negative_infinity() {
+        let mut out = Vec::new();
+        select_topk(&[f32::NAN, -5.0, f32::NAN, 3.0], 2, &mut out);
+        assert_eq!(out, [1, 3]);
+        // NaN ties with -inf, so the lower index wins between them.
+        select_topk(&[f32::NEG_INFINITY, f32::NAN, 1.0], 2, &mut out);
+        assert_eq!(out, [0, 2]);
+        select_topk(&[f32::NAN, f32::NEG_INFINITY, 1.0], 2, &mut out);
+        assert_eq!(out, [0, 2]);
+        select_topk(&[f32::NAN, f32::NAN, f32::NAN], 1, &mut out);
+        assert_eq!(out, [0]);
+    }
+
+    #[test]
+    fn k_at_least_len_returns_everything_without_scoring() {
+        let mut out = vec![7, 7];
+        select_topk(&[f32::NAN, 1.0, -1.0], 3, &mut out);
+        assert_eq!(out, [0, 1, 2]);
+        select_topk(&[5.0], 10, &mut out);
+        assert_eq!(out, [0]);
+        select_topk(&[], 4, &mut out);
+        assert!(out.is_empty());
+        select_topk(&[1.0, 2.0], 0, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn infinities_and_extremes_order_correctly() {
+        let mut out = Vec::new();
+        let s = [f32::MIN, f32::INFINITY, f32::MAX, -f32::MIN_POSITIVE, f32::MIN_POSITIVE];
+        select_topk(&s, 3, &mut out);
+        assert_eq!(out, [1, 2, 4]);
+        select_topk(&s, 4, &mut out);
+        assert_eq!(out, [1, 2, 3, 4]);
+    }
+}

@@ -1,0 +1,25 @@
+//! IndexRelay worker: loads a DSA checkpoint (or one layer range of it), keeps the paged KV
+//! cache, and runs the forward pass with DeepSeek Sparse Attention and IndexCache.
+//!
+//! The crate knows nothing about networking or the coordinator: the stage server (later)
+//! wraps [`model::Model::forward`], which takes tokens or hidden states plus relayed top-k
+//! indices and returns hidden states plus the indices a downstream Shared layer needs.
+
+pub mod checkpoint;
+pub mod config;
+pub mod embedded;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod pattern;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use config::{Architecture, ModelConfig};
+pub use engine::{Engine, EngineOptions, FinishReason, GenerationOutput, GenerationRequest};
+pub use error::{Result, WorkerError};
+pub use model::{LayerRange, Model, Segment, StageInput, StageOutput};
+pub use pattern::{IndexPattern, LayerKind};
+pub use sampling::SamplingParams;

@@ -1,0 +1,207 @@
+//! `worker`: the IndexRelay worker binary.
+//!
+//! `worker generate` runs the single-process engine (the reference the cluster must equal);
+//! `worker init-model` writes the embedded default model.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use worker::embedded::{ensure_default_model, write_synthetic_model, SyntheticSpec};
+use worker::tokenizer::{missing_tokenizer, TextTokenizer};
+use worker::{Architecture, Engine, EngineOptions, GenerationRequest, Model, SamplingParams};
+
+#[derive(Parser)]
+#[command(name = "worker", version, about = "IndexRelay worker: DSA + IndexCache inference")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Arch {
+    #[value(name = "deepseek_v32")]
+    DeepseekV32,
+    #[value(name = "glm_moe_dsa")]
+    GlmMoeDsa,
+}
+
+impl From<Arch> for Architecture {
+    fn from(a: Arch) -> Self {
+        match a {
+            Arch::DeepseekV32 => Architecture::DeepseekV32,
+            Arch::GlmMoeDsa => Architecture::GlmMoeDsa,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate from one prompt with the single-process engine.
+    Generate(GenerateArgs),
+    /// Write the embedded default model (config.json, safetensors, tokenizer.json) to a folder.
+    InitModel {
+        /// Destination folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Architecture of the model.
+        #[arg(long, value_enum, default_value = "deepseek_v32")]
+        arch: Arch,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint folder (config.json + safetensors); default: the embedded default model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Architecture of the embedded default model (when --model is not given).
+    #[arg(long, value_enum, default_value = "deepseek_v32")]
+    arch: Arch,
+    /// Text prompt (needs the model's tokenizer.json).
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Report the log-probability of every prompt token.
+    #[arg(long)]
+    prompt_logprobs: bool,
+    /// Keep generating after an end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// IndexCache pattern override, one F/S per layer (layer 0 must be F).
+    #[arg(long)]
+    index_pattern: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// KV blocks in the pool.
+    #[arg(long, default_value_t = 4096)]
+    kv_blocks: usize,
+    /// Most prompt tokens per forward pass.
+    #[arg(long, default_value_t = 2048)]
+    prefill_chunk: usize,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::InitModel { out, arch } => {
+            write_synthetic_model(&out, &SyntheticSpec::default_for(arch.into()))
+                .with_context(|| format!("writing the default model to {}", out.display()))?;
+            println!("{}", out.display());
+            Ok(())
+        }
+        Cmd::Generate(args) => generate(args),
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    if a.block_size == 0 || a.kv_blocks == 0 || a.prefill_chunk == 0 {
+        bail!("--block-size, --kv-blocks and --prefill-chunk must be at least 1");
+    }
+    let dir = match a.model {
+        Some(d) => d,
+        None => ensure_default_model(a.arch.into())?,
+    };
+    let t0 = Instant::now();
+    let model = Model::load(&dir, a.index_pattern.as_deref())?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let tokenizer = TextTokenizer::from_dir(&dir)?;
+    let prompt = match (&a.prompt, a.prompt_ids) {
+        (Some(text), _) => tokenizer.as_ref().ok_or_else(|| missing_tokenizer(&dir))?.encode(text)?,
+        (None, Some(ids)) => ids,
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let pattern = model.pattern().to_string();
+    let mut engine = Engine::new(
+        model,
+        EngineOptions {
+            block_size: a.block_size,
+            cache_blocks: a.kv_blocks,
+            prefill_chunk: a.prefill_chunk,
+            ..EngineOptions::default()
+        },
+    )?;
+    let req = GenerationRequest {
+        prompt: prompt.clone(),
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: a.seed,
+        },
+        prompt_logprobs: a.prompt_logprobs,
+        ignore_eos: a.ignore_eos,
+    };
+    let t1 = Instant::now();
+    let out = engine
+        .generate(vec![req])?
+        .pop()
+        .context("the engine returned no output")?;
+    let gen_s = t1.elapsed().as_secs_f64();
+    let text = match &tokenizer {
+        Some(t) => Some(t.decode(&out.token_ids)?),
+        None => None,
+    };
+    if a.json {
+        let mut v = json!({
+            "token_ids": out.token_ids,
+            "token_logprobs": out.token_logprobs,
+            "finish_reason": out.finish_reason.as_str(),
+            "prompt_token_ids": prompt,
+            "index_pattern": pattern,
+            "text": text,
+            "timing": {"load_s": load_s, "generate_s": gen_s},
+        });
+        if let Some(lp) = out.prompt_logprobs {
+            v["prompt_logprobs"] = json!(lp);
+        }
+        println!("{v}");
+    } else {
+        match text {
+            Some(t) => println!("{t}"),
+            None => println!("{:?}", out.token_ids),
+        }
+        eprintln!(
+            "{} prompt tokens, {} generated ({}), pattern {pattern}, load {load_s:.2}s, generate {gen_s:.2}s",
+            prompt.len(),
+            out.token_ids.len(),
+            out.finish_reason.as_str()
+        );
+    }
+    Ok(())
+}

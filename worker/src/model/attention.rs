@@ -1,0 +1,228 @@
+//! MLA attention in absorbed form, the lightning indexer, and the IndexCache hand-off.
+
+use kernels::{IndexerInputs, MlaAttentionInputs, RopeStyle};
+
+use super::weights::{AttentionWeights, IndexerWeights};
+use super::{Segment, TopkRows};
+use crate::config::ModelConfig;
+use crate::error::{Result, WorkerError};
+use crate::kv_cache::KvCache;
+use crate::rope::RopeTable;
+
+/// HF builds `q_a_layernorm`, `kv_a_layernorm` with the RMSNorm default, not `rms_norm_eps`.
+const LATENT_NORM_EPS: f32 = 1e-6;
+/// The indexer's `k_norm` LayerNorm epsilon.
+const INDEX_K_NORM_EPS: f32 = 1e-6;
+
+/// What a layer's attention needs besides its weights.
+pub struct AttnCtx<'a> {
+    /// Model config.
+    pub cfg: &'a ModelConfig,
+    /// Rotary table.
+    pub rope: &'a RopeTable,
+    /// Global layer index (for messages).
+    pub layer: usize,
+    /// Layer index within the cache (range-relative).
+    pub cache_layer: usize,
+}
+
+/// Checks that a segment entering on a Shared layer carries one sorted, causal index row per
+/// position.
+pub fn check_relay(s: &Segment, layer: usize) -> Result<()> {
+    let Some(rows) = &s.relay else {
+        return Err(WorkerError::invalid(
+            "relay",
+            format!("layer {layer} is Shared (S) and starts this range, but no top-k indices were relayed for sequence {}", s.seq),
+        ));
+    };
+    if rows.len() != s.len {
+        return Err(WorkerError::invalid(
+            "relay",
+            format!("sequence {}: {} relayed rows for a segment of {} positions", s.seq, rows.len(), s.len),
+        ));
+    }
+    for (i, r) in rows.iter().enumerate() {
+        let t = (s.start + i) as u32;
+        let sorted = r.windows(2).all(|w| w[0] < w[1]);
+        if r.is_empty() || !sorted || r.last().is_some_and(|&x| x > t) {
+            return Err(WorkerError::invalid(
+                "relay",
+                format!("sequence {}: row {i} must be a non-empty ascending subset of [0, {t}]", s.seq),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn rope_rows(x: &mut [f32], width: usize, offset: usize, dim: usize, cos: &[f32], sin: &[f32], style: RopeStyle) {
+    for chunk in x.chunks_exact_mut(width) {
+        kernels::apply_rope(&mut chunk[offset..offset + dim], cos, sin, style);
+    }
+}
+
+/// Runs the layer's attention over all rows; updates `topk` on Full layers.
+pub fn forward(
+    ctx: &AttnCtx<'_>,
+    w: &AttentionWeights,
+    x: &[f32],
+    segments: &[Segment],
+    topk: &mut [Option<TopkRows>],
+    cache: &mut KvCache,
+) -> Result<Vec<f32>> {
+    let c = ctx.cfg;
+    let rows: usize = segments.iter().map(|s| s.len).sum();
+    let (h, r, dn, dr, dv) = (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+    let dq = dn + dr;
+
+    let qa = w.q_a.forward(x, rows);
+    let mut qr = vec![0.0; qa.len()];
+    kernels::rms_norm(&qa, &w.q_a_norm, LATENT_NORM_EPS, &mut qr);
+    let mut q = w.q_b.forward(&qr, rows);
+    let kv = w.kv_a.forward(x, rows);
+
+    let half = dr / 2;
+    let (mut cos, mut sin) = (vec![0.0; half], vec![0.0; half]);
+    let mut ckv = vec![0.0; r];
+    let mut kpe = vec![0.0; dr];
+    let mut row = 0;
+    for s in segments {
+        for i in 0..s.len {
+            let pos = s.start + i;
+            ctx.rope.cos_sin(pos, &mut cos, &mut sin);
+            rope_rows(&mut q[row * h * dq..(row + 1) * h * dq], dq, dn, dr, &cos, &sin, RopeStyle::Interleaved);
+            let kv_row = &kv[row * (r + dr)..(row + 1) * (r + dr)];
+            kernels::rms_norm(&kv_row[..r], &w.kv_a_norm, LATENT_NORM_EPS, &mut ckv);
+            kpe.copy_from_slice(&kv_row[r..]);
+            kernels::apply_rope(&mut kpe, &cos, &sin, RopeStyle::Interleaved);
+            cache.write_kv(ctx.cache_layer, s.seq, pos, &ckv, &kpe)?;
+            row += 1;
+        }
+    }
+
+    if let Some(ix) = &w.indexer {
+        run_indexer(ctx, ix, x, &qr, segments, topk, cache)?;
+    } else {
+        for (s, t) in segments.iter().zip(topk.iter()) {
+            let ok = t.as_ref().is_some_and(|t| t.len() == s.len);
+            if !ok {
+                return Err(WorkerError::invalid(
+                    "relay",
+                    format!("layer {} is Shared but no Full layer selected keys for sequence {}", ctx.layer, s.seq),
+                ));
+            }
+        }
+    }
+
+    // Absorb W_uk into the query: q_latent[row, head] = W_uk_headᵀ · q_nope[row, head].
+    let mut q_latent = vec![0.0; rows * h * r];
+    let mut q_rope = vec![0.0; rows * h * dr];
+    let mut nope = vec![0.0; rows * dn];
+    let mut lat = vec![0.0; rows * r];
+    for head in 0..h {
+        for i in 0..rows {
+            let src = &q[(i * h + head) * dq..(i * h + head + 1) * dq];
+            nope[i * dn..(i + 1) * dn].copy_from_slice(&src[..dn]);
+            q_rope[(i * h + head) * dr..(i * h + head + 1) * dr].copy_from_slice(&src[dn..]);
+        }
+        kernels::matmul_t(&nope, &w.w_uk_t[head], &mut lat, rows, dn, r);
+        for i in 0..rows {
+            q_latent[(i * h + head) * r..(i * h + head + 1) * r].copy_from_slice(&lat[i * r..(i + 1) * r]);
+        }
+    }
+
+    let mut o_latent = vec![0.0; rows * h * r];
+    let mut row = 0;
+    for (s, t) in segments.iter().zip(topk.iter()) {
+        let blocks = cache.layer_blocks(ctx.cache_layer, s.seq)?;
+        let selected = t.as_ref().map(Vec::as_slice).unwrap_or(&[]);
+        let span = row * h..(row + s.len) * h;
+        let inp = MlaAttentionInputs {
+            q_latent: &q_latent[span.start * r..span.end * r],
+            q_rope: &q_rope[span.start * dr..span.end * dr],
+            ckv_blocks: &blocks.ckv,
+            kpe_blocks: &blocks.kpe,
+            block_size: cache.block_size(),
+            selected,
+            heads: h,
+            kv_rank: r,
+            rope_dim: dr,
+            scale: c.softmax_scale(),
+        };
+        kernels::sparse_mla_attention(&inp, &mut o_latent[span.start * r..span.end * r]);
+        row += s.len;
+    }
+
+    // Expand each head's latent output through W_uv, then o_proj.
+    let mut v = vec![0.0; rows * h * dv];
+    let mut vh = vec![0.0; rows * dv];
+    for head in 0..h {
+        for i in 0..rows {
+            lat[i * r..(i + 1) * r].copy_from_slice(&o_latent[(i * h + head) * r..(i * h + head + 1) * r]);
+        }
+        kernels::matmul_t(&lat, &w.w_uv[head], &mut vh, rows, r, dv);
+        for i in 0..rows {
+            v[(i * h + head) * dv..(i * h + head + 1) * dv].copy_from_slice(&vh[i * dv..(i + 1) * dv]);
+        }
+    }
+    Ok(w.o.forward(&v, rows))
+}
+
+fn run_indexer(
+    ctx: &AttnCtx<'_>,
+    ix: &IndexerWeights,
+    x: &[f32],
+    qr: &[f32],
+    segments: &[Segment],
+    topk: &mut [Option<TopkRows>],
+    cache: &mut KvCache,
+) -> Result<()> {
+    let c = ctx.cfg;
+    let rows: usize = segments.iter().map(|s| s.len).sum();
+    let (hi, di, dr) = (c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim);
+    let style = c.arch.indexer_rope_style();
+    let mut qi = ix.wq_b.forward(qr, rows);
+    let kraw = ix.wk.forward(x, rows);
+    let mut ki = vec![0.0; kraw.len()];
+    kernels::layer_norm(&kraw, &ix.k_norm_w, &ix.k_norm_b, INDEX_K_NORM_EPS, &mut ki);
+    let mut weights = ix.weights_proj.forward(x, rows);
+    // Fold both scales into the head weights: ReLU(a·s) = s·ReLU(a) for s > 0.
+    let scale = (hi as f32).powf(-0.5) * (di as f32).powf(-0.5);
+    for v in &mut weights {
+        *v *= scale;
+    }
+    let half = dr / 2;
+    let (mut cos, mut sin) = (vec![0.0; half], vec![0.0; half]);
+    let mut row = 0;
+    for s in segments {
+        for i in 0..s.len {
+            let pos = s.start + i;
+            ctx.rope.cos_sin(pos, &mut cos, &mut sin);
+            // Each indexer head is [rope | nope]: rope part first.
+            rope_rows(&mut qi[row * hi * di..(row + 1) * hi * di], di, 0, dr, &cos, &sin, style);
+            let k = &mut ki[row * di..(row + 1) * di];
+            kernels::apply_rope(&mut k[..dr], &cos, &sin, style);
+            cache.write_index_key(ctx.cache_layer, s.seq, pos, k)?;
+            row += 1;
+        }
+    }
+    let mut row = 0;
+    for (s, t) in segments.iter().zip(topk.iter_mut()) {
+        let blocks = cache.layer_blocks(ctx.cache_layer, s.seq)?;
+        let positions: Vec<usize> = (s.start..s.start + s.len).collect();
+        let inp = IndexerInputs {
+            q: &qi[row * hi * di..(row + s.len) * hi * di],
+            weights: &weights[row * hi..(row + s.len) * hi],
+            key_blocks: &blocks.index_k,
+            block_size: cache.block_size(),
+            positions: &positions,
+            heads: hi,
+            dim: di,
+            topk: c.index_topk,
+        };
+        let mut out = Vec::new();
+        kernels::indexer_topk(&inp, &mut out);
+        *t = Some(out);
+        row += s.len;
+    }
+    Ok(())
+}

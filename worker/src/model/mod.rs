@@ -1,0 +1,345 @@
+//! The DSA model over a contiguous layer range: loading and the batched forward pass.
+//!
+//! A batch is a list of sequence segments (consecutive new positions of one sequence) whose
+//! rows are concatenated. Projections and MLPs run over all rows at once; attention and the
+//! indexer run per segment against that sequence's paged cache.
+
+mod attention;
+mod moe;
+pub mod weights;
+
+use std::path::Path;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{Result, WorkerError};
+use crate::kv_cache::{KvCache, LayerCacheShape};
+use crate::pattern::{IndexPattern, LayerKind};
+use crate::rope::RopeTable;
+use weights::{LayerWeights, Linear, Loader, Mlp};
+
+/// Top-k key positions per query row of a segment (each row sorted ascending).
+pub type TopkRows = Vec<Vec<u32>>;
+
+/// A half-open range of decoder layers `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerRange {
+    /// First layer.
+    pub start: usize,
+    /// One past the last layer.
+    pub end: usize,
+}
+
+impl LayerRange {
+    /// The range `[start, end)`.
+    pub fn new(start: usize, end: usize) -> Self {
+        LayerRange { start, end }
+    }
+
+    /// Number of layers.
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+}
+
+/// One sequence's slice of a forward batch.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    /// Sequence id (cache key).
+    pub seq: u64,
+    /// Position of the first new row (= tokens already cached for this sequence).
+    pub start: usize,
+    /// New rows.
+    pub len: usize,
+    /// Top-k rows relayed from upstream; required when the range starts on a Shared layer.
+    pub relay: Option<TopkRows>,
+}
+
+/// What enters a stage: token ids (first stage) or hidden states from the previous stage.
+#[derive(Clone, Debug)]
+pub enum StageInput {
+    /// Token ids, one per row.
+    Tokens(Vec<u32>),
+    /// Hidden states, `rows × hidden_size`.
+    Hidden(Vec<f32>),
+}
+
+/// What leaves a stage.
+#[derive(Clone, Debug)]
+pub struct StageOutput {
+    /// Hidden states after the last layer of the range (before the final norm), `rows × d`.
+    pub hidden: Vec<f32>,
+    /// Per segment, the top-k rows the next layer needs when it is Shared (else `None`).
+    pub relay: Vec<Option<TopkRows>>,
+    /// Full layers run in this pass.
+    pub full_layers_run: usize,
+    /// Shared layers run in this pass.
+    pub shared_layers_run: usize,
+}
+
+/// The model restricted to one layer range.
+pub struct Model {
+    cfg: ModelConfig,
+    pattern: IndexPattern,
+    range: LayerRange,
+    embed: Option<Vec<f32>>,
+    layers: Vec<LayerWeights>,
+    norm: Option<Vec<f32>>,
+    lm_head: Option<Linear>,
+    rope: RopeTable,
+}
+
+impl Model {
+    /// Loads the whole model from `dir`.
+    pub fn load(dir: &Path, pattern_override: Option<&str>) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let n = cfg.num_hidden_layers;
+        Self::load_range(dir, cfg, pattern_override, LayerRange::new(0, n))
+    }
+
+    /// Loads layers `range` only: embeddings when it starts at 0, norm and head when it ends
+    /// at the last layer. Shared layers load no indexer weights.
+    pub fn load_range(
+        dir: &Path,
+        cfg: ModelConfig,
+        pattern_override: Option<&str>,
+        range: LayerRange,
+    ) -> Result<Self> {
+        let n = cfg.num_hidden_layers;
+        if range.is_empty() || range.end > n {
+            return Err(WorkerError::invalid(
+                "layer_range",
+                format!("[{}, {}) is not a non-empty range within 0..{n}", range.start, range.end),
+            ));
+        }
+        let (pattern, _) = IndexPattern::resolve(&cfg, pattern_override)?;
+        let ckpt = Checkpoint::open(dir)?;
+        for i in range.start..range.end {
+            let name = format!("model.layers.{i}.self_attn.indexer.wq_b.weight");
+            if pattern.is_full(i) && !ckpt.has(&name) {
+                return Err(WorkerError::Pattern(format!(
+                    "layer {i} is F (Full) but the checkpoint has no indexer for it (missing tensor `{name}`)"
+                )));
+            }
+        }
+        let l = Loader { ckpt: &ckpt, cfg: &cfg };
+        let d = cfg.hidden_size;
+        let layers = (range.start..range.end)
+            .map(|i| LayerWeights::load(&l, i, pattern.is_full(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let first = range.start == 0;
+        let last = range.end == n;
+        let embed = if first || (last && cfg.tie_word_embeddings) {
+            Some(l.tensor("model.embed_tokens.weight", &[cfg.vocab_size, d])?)
+        } else {
+            None
+        };
+        let (norm, lm_head) = if last {
+            let head = if cfg.tie_word_embeddings && !ckpt.has("lm_head.weight") {
+                Linear {
+                    w: embed.clone().unwrap_or_default(),
+                    out: cfg.vocab_size,
+                    inp: d,
+                }
+            } else {
+                l.linear("lm_head", cfg.vocab_size, d)?
+            };
+            (Some(l.vector("model.norm.weight", d)?), Some(head))
+        } else {
+            (None, None)
+        };
+        let rope = RopeTable::new(&cfg.rope, cfg.qk_rope_head_dim);
+        Ok(Model {
+            embed: if first { embed } else { None },
+            cfg,
+            pattern,
+            range,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The active IndexCache pattern (whole model).
+    pub fn pattern(&self) -> &IndexPattern {
+        &self.pattern
+    }
+
+    /// The loaded layer range.
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    /// Whether this range ends at the last layer (holds the norm and head).
+    pub fn is_last(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    /// Bytes of indexer weights held by each loaded layer (0 on Shared layers).
+    pub fn indexer_weight_bytes(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .map(|l| l.attn.indexer.as_ref().map_or(0, |ix| ix.bytes()))
+            .collect()
+    }
+
+    /// The cache row widths of each loaded layer.
+    pub fn cache_shapes(&self) -> Vec<LayerCacheShape> {
+        (self.range.start..self.range.end)
+            .map(|i| LayerCacheShape {
+                latent: self.cfg.kv_lora_rank,
+                rope: self.cfg.qk_rope_head_dim,
+                index_key: self.pattern.is_full(i).then_some(self.cfg.index_head_dim),
+            })
+            .collect()
+    }
+
+    /// A KV cache sized for this range.
+    pub fn new_cache(&self, block_size: usize, capacity_blocks: usize) -> KvCache {
+        KvCache::new(self.cache_shapes(), block_size, capacity_blocks)
+    }
+
+    fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let embed = self.embed.as_ref().ok_or_else(|| {
+            WorkerError::invalid("input", format!("layer range starts at {}, so it takes hidden states, not tokens", self.range.start))
+        })?;
+        let d = self.cfg.hidden_size;
+        let mut h = Vec::with_capacity(tokens.len() * d);
+        for (i, &t) in tokens.iter().enumerate() {
+            if t as usize >= self.cfg.vocab_size {
+                return Err(WorkerError::invalid(
+                    "prompt_ids",
+                    format!("token id {t} at index {i} is outside the vocabulary (vocab_size = {})", self.cfg.vocab_size),
+                ));
+            }
+            h.extend_from_slice(&embed[t as usize * d..(t as usize + 1) * d]);
+        }
+        Ok(h)
+    }
+
+    /// Runs the range over a batch of segments, updating their cache entries.
+    pub fn forward(&self, cache: &mut KvCache, segments: &[Segment], input: StageInput) -> Result<StageOutput> {
+        let d = self.cfg.hidden_size;
+        let rows: usize = segments.iter().map(|s| s.len).sum();
+        let mut hidden = match input {
+            StageInput::Tokens(t) => {
+                if t.len() != rows {
+                    return Err(WorkerError::invalid("input", format!("{} tokens for {rows} segment rows", t.len())));
+                }
+                self.embed_tokens(&t)?
+            }
+            StageInput::Hidden(h) => {
+                if h.len() != rows * d {
+                    return Err(WorkerError::invalid(
+                        "hidden",
+                        format!("{} values for {rows} rows × hidden_size {d}", h.len()),
+                    ));
+                }
+                h
+            }
+        };
+        let first_shared = self.pattern.kind(self.range.start) == LayerKind::Shared;
+        for s in segments {
+            if s.len == 0 {
+                return Err(WorkerError::invalid("segment.len", format!("sequence {} has an empty segment", s.seq)));
+            }
+            let cached = cache.seq_len(s.seq);
+            if s.start != cached {
+                return Err(WorkerError::invalid(
+                    "segment.start",
+                    format!("sequence {} starts at {} but {cached} positions are cached", s.seq, s.start),
+                ));
+            }
+            if s.start + s.len > self.cfg.max_position_embeddings {
+                return Err(WorkerError::invalid(
+                    "segment",
+                    format!(
+                        "sequence {} would reach {} positions, over max_position_embeddings = {}",
+                        s.seq,
+                        s.start + s.len,
+                        self.cfg.max_position_embeddings
+                    ),
+                ));
+            }
+            if first_shared {
+                attention::check_relay(s, self.range.start)?;
+            }
+        }
+        let needed: usize = segments.iter().map(|s| cache.blocks_needed(s.seq, s.start + s.len)).sum();
+        if needed > cache.free_blocks() {
+            return Err(WorkerError::CacheFull {
+                needed,
+                free: cache.free_blocks(),
+                total: cache.capacity_blocks(),
+            });
+        }
+        for s in segments {
+            cache.grow(s.seq, s.start + s.len)?;
+        }
+        let mut topk: Vec<Option<TopkRows>> = segments.iter().map(|s| s.relay.clone()).collect();
+        let (mut full, mut shared) = (0, 0);
+        let mut x = vec![0.0; rows * d];
+        for (li, layer) in self.layers.iter().enumerate() {
+            let global = self.range.start + li;
+            kernels::rms_norm(&hidden, &layer.input_norm, self.cfg.rms_norm_eps, &mut x);
+            let ctx = attention::AttnCtx {
+                cfg: &self.cfg,
+                rope: &self.rope,
+                layer: global,
+                cache_layer: li,
+            };
+            let attn = attention::forward(&ctx, &layer.attn, &x, segments, &mut topk, cache)?;
+            if layer.attn.indexer.is_some() {
+                full += 1;
+            } else {
+                shared += 1;
+            }
+            add_in_place(&mut hidden, &attn);
+            kernels::rms_norm(&hidden, &layer.post_norm, self.cfg.rms_norm_eps, &mut x);
+            let mlp = match &layer.mlp {
+                Mlp::Dense(m) => m.forward(&x, rows),
+                Mlp::Moe(m) => moe::forward(&self.cfg, m, &x, rows),
+            };
+            add_in_place(&mut hidden, &mlp);
+        }
+        let next_shared = self.range.end < self.cfg.num_hidden_layers
+            && self.pattern.kind(self.range.end) == LayerKind::Shared;
+        let relay = if next_shared { topk } else { vec![None; segments.len()] };
+        Ok(StageOutput {
+            hidden,
+            relay,
+            full_layers_run: full,
+            shared_layers_run: shared,
+        })
+    }
+
+    /// Final norm and `lm_head` over `rows` hidden rows: `rows × vocab` logits.
+    pub fn logits(&self, hidden: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
+            return Err(WorkerError::invalid(
+                "logits",
+                format!("layer range ends at {}, before the last layer: it has no head", self.range.end),
+            ));
+        };
+        let mut x = vec![0.0; hidden.len()];
+        kernels::rms_norm(hidden, norm, self.cfg.rms_norm_eps, &mut x);
+        Ok(head.forward(&x, rows))
+    }
+}
+
+fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
+}

@@ -1,0 +1,264 @@
+//! Per-layer weight structs and their loading from a checkpoint, layer range by layer range.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+/// A bias-free linear layer `y = x · Wᵀ` with `W` stored `[out, in]` as f32.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// Row-major `[out, in]`.
+    pub w: Vec<f32>,
+    /// Output features.
+    pub out: usize,
+    /// Input features.
+    pub inp: usize,
+}
+
+impl Linear {
+    /// Applies the layer to `rows` input rows.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut y = vec![0.0; rows * self.out];
+        if rows > 0 {
+            kernels::matmul_t(x, &self.w, &mut y, rows, self.inp, self.out);
+        }
+        y
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.w.len() * 4
+    }
+}
+
+/// Reads tensors of one checkpoint with the config's FP8 settings.
+pub struct Loader<'a> {
+    /// The checkpoint.
+    pub ckpt: &'a Checkpoint,
+    /// The model config.
+    pub cfg: &'a ModelConfig,
+}
+
+impl Loader<'_> {
+    /// A tensor of the given shape as f32.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.ckpt.read_f32(name, shape, self.cfg.fp8)
+    }
+
+    /// `{name}.weight` as a `[out, in]` linear layer.
+    pub fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self.tensor(&format!("{name}.weight"), &[out, inp])?,
+            out,
+            inp,
+        })
+    }
+
+    /// A norm's `{name}.weight` vector.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.tensor(name, &[len])
+    }
+}
+
+/// The lightning indexer of a Full layer.
+#[derive(Clone, Debug)]
+pub struct IndexerWeights {
+    /// `wq_b`: q_lora_rank → index_n_heads × index_head_dim.
+    pub wq_b: Linear,
+    /// `wk`: hidden → index_head_dim.
+    pub wk: Linear,
+    /// `k_norm` LayerNorm weight.
+    pub k_norm_w: Vec<f32>,
+    /// `k_norm` LayerNorm bias.
+    pub k_norm_b: Vec<f32>,
+    /// `weights_proj`: hidden → index_n_heads.
+    pub weights_proj: Linear,
+}
+
+impl IndexerWeights {
+    fn load(l: &Loader<'_>, p: &str) -> Result<Self> {
+        let c = l.cfg;
+        let (h, d) = (c.index_n_heads, c.index_head_dim);
+        Ok(IndexerWeights {
+            wq_b: l.linear(&format!("{p}.wq_b"), h * d, c.q_lora_rank)?,
+            wk: l.linear(&format!("{p}.wk"), d, c.hidden_size)?,
+            k_norm_w: l.vector(&format!("{p}.k_norm.weight"), d)?,
+            k_norm_b: l.vector(&format!("{p}.k_norm.bias"), d)?,
+            weights_proj: l.linear(&format!("{p}.weights_proj"), h, c.hidden_size)?,
+        })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.wq_b.bytes() + self.wk.bytes() + self.weights_proj.bytes() + 8 * self.k_norm_w.len()
+    }
+}
+
+/// MLA attention weights, with `kv_b_proj` split per head for the absorbed form.
+#[derive(Clone, Debug)]
+pub struct AttentionWeights {
+    /// `q_a_proj`.
+    pub q_a: Linear,
+    /// `q_a_layernorm` weight.
+    pub q_a_norm: Vec<f32>,
+    /// `q_b_proj`.
+    pub q_b: Linear,
+    /// `kv_a_proj_with_mqa`.
+    pub kv_a: Linear,
+    /// `kv_a_layernorm` weight.
+    pub kv_a_norm: Vec<f32>,
+    /// Per head, the key half of `kv_b_proj` transposed: `[kv_lora_rank, qk_nope_head_dim]`,
+    /// so `q_nope · W_ukᵀᵀ` maps a query into latent space with one `matmul_t`.
+    pub w_uk_t: Vec<Vec<f32>>,
+    /// Per head, the value half of `kv_b_proj`: `[v_head_dim, kv_lora_rank]`.
+    pub w_uv: Vec<Vec<f32>>,
+    /// `o_proj`.
+    pub o: Linear,
+    /// The indexer, on Full layers only.
+    pub indexer: Option<IndexerWeights>,
+}
+
+impl AttentionWeights {
+    fn load(l: &Loader<'_>, p: &str, with_indexer: bool) -> Result<Self> {
+        let c = l.cfg;
+        let (h, r, dn, dv) = (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.v_head_dim);
+        let kv_b = l.tensor(&format!("{p}.kv_b_proj.weight"), &[h * (dn + dv), r])?;
+        let mut w_uk_t = Vec::with_capacity(h);
+        let mut w_uv = Vec::with_capacity(h);
+        for head in 0..h {
+            let base = head * (dn + dv) * r;
+            let uk = &kv_b[base..base + dn * r];
+            let mut t = vec![0.0; r * dn];
+            for i in 0..dn {
+                for j in 0..r {
+                    t[j * dn + i] = uk[i * r + j];
+                }
+            }
+            w_uk_t.push(t);
+            w_uv.push(kv_b[base + dn * r..base + (dn + dv) * r].to_vec());
+        }
+        Ok(AttentionWeights {
+            q_a: l.linear(&format!("{p}.q_a_proj"), c.q_lora_rank, c.hidden_size)?,
+            q_a_norm: l.vector(&format!("{p}.q_a_layernorm.weight"), c.q_lora_rank)?,
+            q_b: l.linear(&format!("{p}.q_b_proj"), h * c.qk_head_dim(), c.q_lora_rank)?,
+            kv_a: l.linear(&format!("{p}.kv_a_proj_with_mqa"), r + c.qk_rope_head_dim, c.hidden_size)?,
+            kv_a_norm: l.vector(&format!("{p}.kv_a_layernorm.weight"), r)?,
+            w_uk_t,
+            w_uv,
+            o: l.linear(&format!("{p}.o_proj"), c.hidden_size, h * dv)?,
+            indexer: if with_indexer {
+                Some(IndexerWeights::load(l, &format!("{p}.indexer"))?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// A SwiGLU MLP with gate and up fused into one `[2·inter, hidden]` matrix (gate rows first).
+#[derive(Clone, Debug)]
+pub struct SwiGlu {
+    /// Fused gate and up projections.
+    pub gate_up: Linear,
+    /// Down projection.
+    pub down: Linear,
+}
+
+impl SwiGlu {
+    fn load(l: &Loader<'_>, p: &str, inter: usize) -> Result<Self> {
+        let d = l.cfg.hidden_size;
+        let mut gate_up = l.linear(&format!("{p}.gate_proj"), inter, d)?;
+        let up = l.linear(&format!("{p}.up_proj"), inter, d)?;
+        gate_up.w.extend_from_slice(&up.w);
+        gate_up.out = 2 * inter;
+        Ok(SwiGlu {
+            gate_up,
+            down: l.linear(&format!("{p}.down_proj"), d, inter)?,
+        })
+    }
+
+    /// `down(silu(gate(x)) · up(x))` for `rows` rows.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let inter = self.down.inp;
+        let gu = self.gate_up.forward(x, rows);
+        let mut act = vec![0.0; rows * inter];
+        for (r, out) in act.chunks_exact_mut(inter).enumerate() {
+            let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
+            out.copy_from_slice(&row[..inter]);
+            kernels::silu_mul(out, &row[inter..]);
+        }
+        self.down.forward(&act, rows)
+    }
+}
+
+/// Routed experts with group-limited sigmoid routing, plus the shared experts.
+#[derive(Clone, Debug)]
+pub struct MoeWeights {
+    /// Router `mlp.gate.weight`: `[n_routed_experts, hidden]`.
+    pub router: Vec<f32>,
+    /// `e_score_correction_bias`: steers the choice, never the weights.
+    pub bias: Vec<f32>,
+    /// Routed experts.
+    pub experts: Vec<SwiGlu>,
+    /// Shared experts (one fused MLP), when `n_shared_experts > 0`.
+    pub shared: Option<SwiGlu>,
+}
+
+/// A layer's MLP.
+#[derive(Clone, Debug)]
+pub enum Mlp {
+    /// Dense SwiGLU.
+    Dense(SwiGlu),
+    /// Mixture of experts.
+    Moe(MoeWeights),
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    /// `input_layernorm`.
+    pub input_norm: Vec<f32>,
+    /// Attention (and indexer).
+    pub attn: AttentionWeights,
+    /// `post_attention_layernorm`.
+    pub post_norm: Vec<f32>,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+impl LayerWeights {
+    /// Loads layer `i`; the indexer only when `with_indexer` (a Full layer).
+    pub fn load(l: &Loader<'_>, i: usize, with_indexer: bool) -> Result<Self> {
+        let c = l.cfg;
+        let p = format!("model.layers.{i}");
+        let mlp = if c.moe_layers[i] {
+            let e = c.n_routed_experts;
+            let experts = (0..e)
+                .map(|j| SwiGlu::load(l, &format!("{p}.mlp.experts.{j}"), c.moe_intermediate_size))
+                .collect::<Result<Vec<_>>>()?;
+            let shared = if c.n_shared_experts > 0 {
+                Some(SwiGlu::load(
+                    l,
+                    &format!("{p}.mlp.shared_experts"),
+                    c.moe_intermediate_size * c.n_shared_experts,
+                )?)
+            } else {
+                None
+            };
+            Mlp::Moe(MoeWeights {
+                router: l.tensor(&format!("{p}.mlp.gate.weight"), &[e, c.hidden_size])?,
+                bias: l.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), e)?,
+                experts,
+                shared,
+            })
+        } else {
+            Mlp::Dense(SwiGlu::load(l, &format!("{p}.mlp"), c.intermediate_size)?)
+        };
+        Ok(LayerWeights {
+            input_norm: l.vector(&format!("{p}.input_layernorm.weight"), c.hidden_size)?,
+            attn: AttentionWeights::load(l, &format!("{p}.self_attn"), with_indexer)?,
+            post_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), c.hidden_size)?,
+            mlp,
+        })
+    }
+}
