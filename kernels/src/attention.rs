@@ -8,14 +8,15 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{self, fmadd, multiversion};
+use crate::simd::{self, multiversion, Simd};
 
 /// Selected keys per tile: 16 latent vectors of 512 floats are 32 KiB, which fits in L1
 /// next to a head's accumulator.
 const KEY_TILE: usize = 16;
 
-/// Output floats kept in registers while a tile is accumulated into one head's output.
-const ACC_WIDTH: usize = 64;
+/// Output vectors kept in registers while a tile is accumulated into one head's output:
+/// eight independent FMA chains cover the FMA latency on two FMA ports.
+const ACC_VECTORS: usize = 8;
 
 /// Inputs of [`sparse_mla_attention`] for one sequence.
 pub struct MlaAttentionInputs<'a> {
@@ -86,7 +87,8 @@ multiversion! {
 }
 
 #[inline(always)]
-fn attend_impl<const FMA: bool>(
+fn attend_impl<S: Simd>(
+    s: S,
     inp: &MlaAttentionInputs<'_>,
     row: usize,
     h0: usize,
@@ -108,24 +110,38 @@ fn attend_impl<const FMA: bool>(
     out.fill(0.0);
 
     let empty: &[f32] = &[];
-    for tile in selected.chunks(KEY_TILE) {
+    let key = |pos: u32| -> (&[f32], &[f32]) {
+        let (b, o) = (pos as usize / bs, pos as usize % bs);
+        (&inp.ckv_blocks[b][o * rank..][..rank], &inp.kpe_blocks[b][o * rope..][..rope])
+    };
+    for (t, tile) in selected.chunks(KEY_TILE).enumerate() {
         let nt = tile.len();
         let mut ckv = [empty; KEY_TILE];
         let mut kpe = [empty; KEY_TILE];
-        for (j, &s) in tile.iter().enumerate() {
-            let (b, o) = (s as usize / bs, s as usize % bs);
-            ckv[j] = &inp.ckv_blocks[b][o * rank..][..rank];
-            kpe[j] = &inp.kpe_blocks[b][o * rope..][..rope];
+        for (j, &pos) in tile.iter().enumerate() {
+            (ckv[j], kpe[j]) = key(pos);
+        }
+        // Selected keys are scattered over the cache, so the hardware prefetcher cannot
+        // guess them: request the next tile while this one is computed.
+        let next = selected.get((t + 1) * KEY_TILE..).unwrap_or(&[]);
+        for &pos in next.iter().take(KEY_TILE) {
+            let (c, k) = key(pos);
+            //simd::prefetch(c);
+            //simd::prefetch(k);
         }
 
         // Logits of the tile for every head, four heads per pass over each key.
         let mut h = 0;
         while h + 4 <= nh {
-            let ql4: [&[f32]; 4] = std::array::from_fn(|u| &ql[(h + u) * rank..][..rank]);
-            let qr4: [&[f32]; 4] = std::array::from_fn(|u| &qr[(h + u) * rope..][..rope]);
+            let mut ql4 = [empty; 4];
+            let mut qr4 = [empty; 4];
+            for u in 0..4 {
+                ql4[u] = &ql[(h + u) * rank..][..rank];
+                qr4[u] = &qr[(h + u) * rope..][..rope];
+            }
             for j in 0..nt {
-                let a = simd::dot4::<FMA>(ql4, ckv[j]);
-                let b = simd::dot4::<FMA>(qr4, kpe[j]);
+                let a = simd::dot4(s, ql4, ckv[j]);
+                let b = simd::dot4(s, qr4, kpe[j]);
                 for u in 0..4 {
                     probs[(h + u) * KEY_TILE + j] = (a[u] + b[u]) * inp.scale;
                 }
@@ -135,7 +151,7 @@ fn attend_impl<const FMA: bool>(
         for h in h..nh {
             let (qlh, qrh) = (&ql[h * rank..][..rank], &qr[h * rope..][..rope]);
             for j in 0..nt {
-                let logit = simd::dot::<FMA>(qlh, ckv[j]) + simd::dot::<FMA>(qrh, kpe[j]);
+                let logit = simd::dot(s, qlh, ckv[j]) + simd::dot(s, qrh, kpe[j]);
                 probs[h * KEY_TILE + j] = logit * inp.scale;
             }
         }
@@ -144,11 +160,14 @@ fn attend_impl<const FMA: bool>(
         for h in 0..nh {
             let p = &mut probs[h * KEY_TILE..][..nt];
             let acc = &mut out[h * rank..][..rank];
-            let tile_max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut tile_max = f32::NEG_INFINITY;
+            for &v in p.iter() {
+                tile_max = tile_max.max(v);
+            }
             if tile_max > max[h] {
                 let correction = (max[h] - tile_max).exp();
                 denom[h] *= correction;
-                acc.iter_mut().for_each(|v| *v *= correction);
+                scale(s, acc, correction);
                 max[h] = tile_max;
             }
             let mut sum = 0.0f32;
@@ -157,37 +176,60 @@ fn attend_impl<const FMA: bool>(
                 sum += *v;
             }
             denom[h] += sum;
-            accumulate::<FMA>(acc, p, &ckv[..nt]);
+            accumulate(s, acc, p, &ckv[..nt]);
         }
     }
     for h in 0..nh {
-        let inv = 1.0 / denom[h];
-        out[h * rank..][..rank].iter_mut().for_each(|v| *v *= inv);
+        scale(s, &mut out[h * rank..][..rank], 1.0 / denom[h]);
     }
 }
 
-/// `acc += Σ_j p[j] · keys[j]`, holding `ACC_WIDTH` outputs in registers across the tile so
-/// each key element costs one load and one FMA.
+/// `x *= factor`.
 #[inline(always)]
-fn accumulate<const FMA: bool>(acc: &mut [f32], p: &[f32], keys: &[&[f32]]) {
+fn scale<S: Simd>(s: S, x: &mut [f32], factor: f32) {
+    let f = s.splat(factor);
+    let mut chunks = x.chunks_exact_mut(S::LANES);
+    for c in &mut chunks {
+        s.store(c, s.mul(s.load(c), f));
+    }
+    chunks.into_remainder().iter_mut().for_each(|v| *v *= factor);
+}
+
+/// `acc += Σ_j p[j] · keys[j]`, holding [`ACC_VECTORS`] vectors of `acc` in registers across
+/// the tile so that each key element costs one load and one FMA.
+#[inline(always)]
+fn accumulate<S: Simd>(s: S, acc: &mut [f32], p: &[f32], keys: &[&[f32]]) {
     let n = acc.len();
-    let full = n / ACC_WIDTH * ACC_WIDTH;
+    let w = S::LANES;
+    let block = ACC_VECTORS * w;
     let mut c = 0;
-    while c < full {
-        let mut regs = [0.0f32; ACC_WIDTH];
-        regs.copy_from_slice(&acc[c..c + ACC_WIDTH]);
+    while c + block <= n {
+        let mut regs = [s.zero(); ACC_VECTORS];
+        for (v, reg) in regs.iter_mut().enumerate() {
+            *reg = s.load(&acc[c + v * w..]);
+        }
         for (&pj, key) in p.iter().zip(keys) {
-            let k = &key[c..c + ACC_WIDTH];
-            for i in 0..ACC_WIDTH {
-                regs[i] = fmadd::<FMA>(pj, k[i], regs[i]);
+            let (pj, key) = (s.splat(pj), &key[c..c + block]);
+            for (v, reg) in regs.iter_mut().enumerate() {
+                *reg = s.fmadd(pj, s.load(&key[v * w..]), *reg);
             }
         }
-        acc[c..c + ACC_WIDTH].copy_from_slice(&regs);
-        c += ACC_WIDTH;
+        for (v, reg) in regs.iter().enumerate() {
+            s.store(&mut acc[c + v * w..], *reg);
+        }
+        c += block;
+    }
+    while c + w <= n {
+        let mut reg = s.load(&acc[c..]);
+        for (&pj, key) in p.iter().zip(keys) {
+            reg = s.fmadd(s.splat(pj), s.load(&key[c..]), reg);
+        }
+        s.store(&mut acc[c..], reg);
+        c += w;
     }
     for (&pj, key) in p.iter().zip(keys) {
-        for (a, &k) in acc[full..].iter_mut().zip(&key[full..n]) {
-            *a = fmadd::<FMA>(pj, k, *a);
+        for (a, &k) in acc[c..].iter_mut().zip(&key[c..n]) {
+            *a += pj * k;
         }
     }
 }

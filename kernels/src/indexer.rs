@@ -11,7 +11,7 @@ use std::mem;
 use rayon::prelude::*;
 
 use crate::linear::matmul_t_with;
-use crate::simd::{fmadd, multiversion};
+use crate::simd::{multiversion, Simd};
 use crate::topk::select_topk;
 
 /// Target GEMM height (`chunk rows × heads`): tall enough that the packed key tile is reused
@@ -206,7 +206,8 @@ multiversion! {
 }
 
 #[inline(always)]
-fn fold_heads_impl<const FMA: bool>(
+fn fold_heads_impl<S: Simd>(
+    s: S,
     logits: &[f32],
     weights: &[f32],
     scores: &mut [f32],
@@ -214,39 +215,31 @@ fn fold_heads_impl<const FMA: bool>(
     valid: usize,
     stride: usize,
 ) {
-    #[inline(always)]
-    fn relu(v: f32) -> f32 {
-        // Written as a select (not `f32::max`) so it lowers to one vector max instruction.
-        if v > 0.0 {
-            v
-        } else {
-            0.0
-        }
-    }
     if heads == 0 || valid == 0 {
         return;
     }
+    let lanes = S::LANES;
+    let full = valid / lanes * lanes;
     for (r, w) in weights.chunks_exact(heads).enumerate() {
         let row = &mut scores[r * stride..][..valid];
         let l = &logits[r * heads * valid..][..heads * valid];
-        row.fill(0.0);
-        // Four heads per pass: one load and store of the score row per four logit rows.
-        let mut h = 0;
-        while h + 4 <= heads {
-            let (l0, l1) = (&l[h * valid..][..valid], &l[(h + 1) * valid..][..valid]);
-            let (l2, l3) = (&l[(h + 2) * valid..][..valid], &l[(h + 3) * valid..][..valid]);
-            for j in 0..valid {
-                let a = fmadd::<FMA>(w[h], relu(l0[j]), w[h + 1] * relu(l1[j]));
-                let b = fmadd::<FMA>(w[h + 2], relu(l2[j]), w[h + 3] * relu(l3[j]));
-                row[j] += a + b;
+        // Each vector of scores is summed over all heads in a register and stored once.
+        let mut j = 0;
+        while j < full {
+            let mut acc = [s.zero(); 2];
+            for h in 0..heads {
+                let v = s.relu(s.load(&l[h * valid + j..]));
+                acc[h & 1] = s.fmadd(s.splat(w[h]), v, acc[h & 1]);
             }
-            h += 4;
+            s.store(&mut row[j..], s.add(acc[0], acc[1]));
+            j += lanes;
         }
-        for h in h..heads {
-            let lh = &l[h * valid..][..valid];
-            for j in 0..valid {
-                row[j] = fmadd::<FMA>(w[h], relu(lh[j]), row[j]);
+        for (j, o) in row.iter_mut().enumerate().skip(full) {
+            let mut sum = 0.0f32;
+            for h in 0..heads {
+                sum += w[h] * l[h * valid + j].max(0.0);
             }
+            *o = sum;
         }
     }
 }

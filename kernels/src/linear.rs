@@ -6,12 +6,12 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{self, multiversion};
+use crate::simd::{self, multiversion, Simd};
 
-/// Up to this many rows, `matmul_t` runs one GEMV per row. Measured with `kernel-bench`
-/// (k = n = 4096, 2 threads): m=1 GEMV 1.4 ms vs GEMM 2.4 ms, m=2 2.7 ms vs 2.5 ms, so the
-/// packed GEMM wins as soon as a weight row is reused by two input rows.
-const GEMV_MAX_ROWS: usize = 1;
+/// Up to this many rows `matmul_t` streams the weight through the 4-row dot kernel instead
+/// of calling `gemm`, which first packs the whole transposed weight: at small m that copy
+/// costs more than the product (see `kernel-bench`, k = n = 4096).
+const SMALL_M_MAX: usize = 16;
 
 /// Below this many multiply-adds a GEMM is done on the calling thread: waking the pool
 /// costs more than it saves.
@@ -51,23 +51,27 @@ pub(crate) fn matmul_t_with(
         out.fill(0.0);
         return;
     }
-    if m <= GEMV_MAX_ROWS {
-        for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-            if parallel {
-                gemv_t(xr, w, or, k, n);
-            } else {
-                gemv_rows(xr, w, or, k);
-            }
+    if m == 1 {
+        if parallel {
+            gemv_t(x, w, out, k, n);
+        } else {
+            gemv_rows(x, w, out, k);
         }
         return;
     }
+    if m <= SMALL_M_MAX {
+        small_m(x, w, out, m, k, n, parallel);
+        return;
+    }
+    // Real checks, not debug ones: `gemm` reads and writes through raw pointers.
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul_t: shapes");
     let par = if parallel && m * n * k >= GEMM_PARALLEL_MIN_MACS {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the pointers come from slices whose lengths match the strides below (checked
-    // in debug builds above): dst is m×n row-major (col stride 1, row stride n); lhs is x,
+    // SAFETY: the pointers come from slices at least as long as the strides below reach
+    // (asserted above): dst is m×n row-major (col stride 1, row stride n); lhs is x,
     // m×k row-major; rhs is the k×n view wᵀ of the n×k row-major w (moving along a column
     // of the view, i.e. along k, is stride 1; moving to the next column, i.e. the next
     // output feature, is stride k). `read_dst = false` so `out` is only written.
@@ -121,7 +125,7 @@ multiversion! {
 }
 
 #[inline(always)]
-fn gemv_rows_impl<const FMA: bool>(x: &[f32], w: &[f32], out: &mut [f32], k: usize) {
+fn gemv_rows_impl<S: Simd>(s: S, x: &[f32], w: &[f32], out: &mut [f32], k: usize) {
     if k == 0 {
         out.fill(0.0);
         return;
@@ -131,10 +135,57 @@ fn gemv_rows_impl<const FMA: bool>(x: &[f32], w: &[f32], out: &mut [f32], k: usi
     let mut outs = out.chunks_exact_mut(4);
     for o in &mut outs {
         let r: [&[f32]; 4] = std::array::from_fn(|_| rows.next().unwrap_or(&[]));
-        o.copy_from_slice(&simd::dot4::<FMA>(r, x));
+        o.copy_from_slice(&simd::dot4(s, r, x));
     }
     for o in outs.into_remainder() {
-        *o = simd::dot::<FMA>(rows.next().unwrap_or(&[]), x);
+        *o = simd::dot(s, rows.next().unwrap_or(&[]), x);
+    }
+}
+
+/// `out = x · wᵀ` for a few rows of `x`: computes `outᵀ` (n × m, so that each task owns a
+/// contiguous slice) from weight-row tiles that stay in L2 while every input row passes
+/// over them, then transposes it into `out`.
+fn small_m(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, parallel: bool) {
+    let mut out_t = vec![0.0f32; n * m];
+    if parallel && n * k >= GEMV_PARALLEL_MIN {
+        out_t
+            .par_chunks_mut(GEMV_ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(task, o)| {
+                let first = task * GEMV_ROWS_PER_TASK;
+                let rows = o.len() / m;
+                small_m_rows(x, &w[first * k..(first + rows) * k], o, m, k);
+            });
+    } else {
+        small_m_rows(x, w, &mut out_t, m, k);
+    }
+    for (j, col) in out_t.chunks_exact(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+}
+
+multiversion! {
+    /// `out_t[j·m + i] = x[i] · w[j]` for every row `j` of `w` and `i < m`.
+    fn small_m_rows(x: &[f32], w: &[f32], out_t: &mut [f32], m: usize, k: usize) => small_m_rows_impl
+}
+
+#[inline(always)]
+fn small_m_rows_impl<S: Simd>(s: S, x: &[f32], w: &[f32], out_t: &mut [f32], m: usize, k: usize) {
+    for (wr, o) in w.chunks_exact(k).zip(out_t.chunks_exact_mut(m)) {
+        // Four input rows per pass share each load of the weight row; a short last group
+        // repeats its final row (same addresses, so only the discarded FMAs are wasted).
+        for g in (0..m).step_by(4) {
+            let mut xs: [&[f32]; 4] = [&[]; 4];
+            for (u, xr) in xs.iter_mut().enumerate() {
+                let i = (g + u).min(m - 1);
+                *xr = &x[i * k..(i + 1) * k];
+            }
+            let d = simd::dot4(s, xs, wr);
+            let take = (m - g).min(4);
+            o[g..g + take].copy_from_slice(&d[..take]);
+        }
     }
 }
 
@@ -167,6 +218,9 @@ mod tests {
             (3, 1, 9),
             (3, 65, 31),
             (5, 129, 70),
+            (4, 40, 200),
+            (7, 300, 300),
+            (16, 64, 1100),
             (17, 100, 3),
             (64, 64, 64),
             (70, 300, 90),

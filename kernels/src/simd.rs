@@ -1,41 +1,274 @@
-//! Runtime ISA dispatch and the vectorizable building blocks the hot kernels share.
+//! Runtime ISA dispatch and the explicit-SIMD building blocks the hot kernels share.
 //!
-//! The workspace is compiled for baseline x86-64 (SSE2, no FMA) so the binaries run anywhere.
-//! The inner loops below are written over fixed-width lane arrays so LLVM's vectorizer turns
-//! them into SIMD code; [`multiversion!`] then compiles each hot kernel a second and third
-//! time with AVX2+FMA and AVX-512 enabled and picks the best copy at run time. The helpers
-//! are `#[inline(always)]` so they inherit the target features of the function they land in.
+//! The workspace is compiled for baseline x86-64 (SSE2, no FMA) so its binaries run on any
+//! x86-64 machine. Hot kernels are written once, generic over a [`Simd`] token, and
+//! [`multiversion!`] instantiates them inside functions compiled with AVX-512 or AVX2+FMA,
+//! picking the best at run time. Explicit intrinsics rather than auto-vectorization: LLVM's
+//! SLP vectorizer reliably handled these loops in isolation but silently fell back to
+//! scalar code once they were inlined into the larger attention kernel.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
 
 /// Widest instruction set the running CPU supports, as far as these kernels care.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
-    /// AVX-512F (x86-64-v4 class).
-    Avx512,
-    /// AVX2 with FMA (x86-64-v3 class).
-    Avx2Fma,
     /// Whatever the compile target guarantees.
     Baseline,
+    /// AVX2 with FMA (x86-64-v3 class).
+    Avx2,
+    /// AVX-512F (x86-64-v4 class).
+    Avx512,
 }
+
+#[cfg(test)]
+static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
 /// Detects the ISA; `is_x86_feature_detected!` caches its answer, so this is a few loads.
 #[inline]
 pub(crate) fn isa() -> Isa {
+    #[allow(unused_mut)]
+    let mut best = Isa::Baseline;
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            return Isa::Avx512;
-        }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2Fma;
+            best = Isa::Avx2;
+            if is_x86_feature_detected!("avx512f") {
+                best = Isa::Avx512;
+            }
         }
     }
-    Isa::Baseline
+    #[cfg(test)]
+    {
+        // Tests may cap (never raise) the level to exercise the narrower code paths.
+        let cap = match FORCED.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Isa::Baseline,
+            1 => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        best = best.min(cap);
+    }
+    best
 }
 
-/// Defines `fn $name(args) -> ret` that calls `$imp::<FMA>(args)` compiled for the best ISA.
-///
-/// `$imp` must be `#[inline(always)]` and generic over `const FMA: bool`: with FMA it uses
-/// fused multiply-adds (`f32::mul_add` would be a slow libm call on a target without FMA).
+/// Runs `f` once per ISA level this CPU supports, with dispatch capped at that level.
+/// Serialized, since the cap is process-wide.
+#[cfg(test)]
+pub(crate) fn for_each_isa(mut f: impl FnMut(Isa)) {
+    use std::sync::atomic::Ordering;
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for (code, level) in [(0u8, Isa::Baseline), (1, Isa::Avx2), (2, Isa::Avx512)] {
+        FORCED.store(code, Ordering::Relaxed);
+        if isa() == level {
+            f(level);
+        }
+    }
+    FORCED.store(u8::MAX, Ordering::Relaxed);
+}
+
+/// Vector operations on `f32`, implemented by zero-sized tokens whose existence proves the
+/// CPU supports the instructions. Every method is `#[inline(always)]` so that it lands in
+/// the target-feature function created by [`multiversion!`] and compiles to one instruction.
+pub(crate) trait Simd: Copy {
+    /// One vector register of `f32`.
+    type V: Copy;
+    /// Lanes per vector.
+    const LANES: usize;
+    /// All lanes zero.
+    fn zero(self) -> Self::V;
+    /// All lanes `x`.
+    fn splat(self, x: f32) -> Self::V;
+    /// Loads the first `LANES` elements of `s` (panics if shorter).
+    fn load(self, s: &[f32]) -> Self::V;
+    /// Stores into the first `LANES` elements of `s` (panics if shorter).
+    fn store(self, s: &mut [f32], v: Self::V);
+    /// `a * b + c`, fused.
+    fn fmadd(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Lane-wise sum.
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise product.
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `max(a, 0)` (ReLU).
+    fn relu(self, a: Self::V) -> Self::V;
+    /// Sum of all lanes.
+    fn hsum(self, v: Self::V) -> f32;
+}
+
+/// Token for AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct V4(());
+
+#[cfg(target_arch = "x86_64")]
+impl V4 {
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[inline(always)]
+    pub(crate) unsafe fn new_unchecked() -> Self {
+        V4(())
+    }
+}
+
+// SAFETY (all `unsafe` blocks in this impl): a `V4` exists only if the CPU has AVX-512F;
+// loads and stores stay in bounds because the slice length is asserted first.
+#[cfg(target_arch = "x86_64")]
+impl Simd for V4 {
+    type V = __m512;
+    const LANES: usize = 16;
+    #[inline(always)]
+    fn zero(self) -> __m512 {
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    fn splat(self, x: f32) -> __m512 {
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    fn load(self, s: &[f32]) -> __m512 {
+        assert!(s.len() >= 16);
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    }
+    #[inline(always)]
+    fn store(self, s: &mut [f32], v: __m512) {
+        assert!(s.len() >= 16);
+        unsafe { _mm512_storeu_ps(s.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn fmadd(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn add(self, a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul(self, a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn relu(self, a: __m512) -> __m512 {
+        unsafe { _mm512_max_ps(a, _mm512_setzero_ps()) }
+    }
+    #[inline(always)]
+    fn hsum(self, v: __m512) -> f32 {
+        unsafe { _mm512_reduce_add_ps(v) }
+    }
+}
+
+/// Token for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct V3(());
+
+#[cfg(target_arch = "x86_64")]
+impl V3 {
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[inline(always)]
+    pub(crate) unsafe fn new_unchecked() -> Self {
+        V3(())
+    }
+}
+
+// SAFETY (all `unsafe` blocks in this impl): a `V3` exists only if the CPU has AVX2 and
+// FMA; loads and stores stay in bounds because the slice length is asserted first.
+#[cfg(target_arch = "x86_64")]
+impl Simd for V3 {
+    type V = __m256;
+    const LANES: usize = 8;
+    #[inline(always)]
+    fn zero(self) -> __m256 {
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    fn splat(self, x: f32) -> __m256 {
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    fn load(self, s: &[f32]) -> __m256 {
+        assert!(s.len() >= 8);
+        unsafe { _mm256_loadu_ps(s.as_ptr()) }
+    }
+    #[inline(always)]
+    fn store(self, s: &mut [f32], v: __m256) {
+        assert!(s.len() >= 8);
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
+    }
+    #[inline(always)]
+    fn fmadd(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn add(self, a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul(self, a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn relu(self, a: __m256) -> __m256 {
+        unsafe { _mm256_max_ps(a, _mm256_setzero_ps()) }
+    }
+    #[inline(always)]
+    fn hsum(self, v: __m256) -> f32 {
+        unsafe {
+            let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)))
+        }
+    }
+}
+
+/// Portable token: four-lane arrays that LLVM lowers to SSE2 (no FMA on that target, so
+/// `fmadd` is a separate multiply and add).
+#[derive(Clone, Copy)]
+pub(crate) struct Portable;
+
+impl Simd for Portable {
+    type V = [f32; 4];
+    const LANES: usize = 4;
+    #[inline(always)]
+    fn zero(self) -> [f32; 4] {
+        [0.0; 4]
+    }
+    #[inline(always)]
+    fn splat(self, x: f32) -> [f32; 4] {
+        [x; 4]
+    }
+    #[inline(always)]
+    fn load(self, s: &[f32]) -> [f32; 4] {
+        [s[0], s[1], s[2], s[3]]
+    }
+    #[inline(always)]
+    fn store(self, s: &mut [f32], v: [f32; 4]) {
+        s[..4].copy_from_slice(&v);
+    }
+    #[inline(always)]
+    fn fmadd(self, a: [f32; 4], b: [f32; 4], c: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    fn add(self, a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    fn mul(self, a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    fn relu(self, a: [f32; 4]) -> [f32; 4] {
+        a.map(|v| if v > 0.0 { v } else { 0.0 })
+    }
+    #[inline(always)]
+    fn hsum(self, v: [f32; 4]) -> f32 {
+        (v[0] + v[2]) + (v[1] + v[3])
+    }
+}
+
+/// Defines `fn $name(args) -> ret` that runs `$imp(token, args)` compiled for the best ISA
+/// the CPU has. `$imp` must be `#[inline(always)]` and generic over `S: Simd`.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $imp:ident) => {
         $(#[$meta])*
@@ -44,116 +277,133 @@ macro_rules! multiversion {
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 fn v4($($arg: $ty),*) $(-> $ret)? {
-                    $imp::<true>($($arg),*)
+                    // SAFETY: only called after `isa()` detected AVX-512F.
+                    $imp(unsafe { $crate::simd::V4::new_unchecked() }, $($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 fn v3($($arg: $ty),*) $(-> $ret)? {
-                    $imp::<true>($($arg),*)
+                    // SAFETY: only called after `isa()` detected AVX2 and FMA.
+                    $imp(unsafe { $crate::simd::V3::new_unchecked() }, $($arg),*)
                 }
                 match $crate::simd::isa() {
                     // SAFETY: `isa()` checked at run time that the CPU has these features.
                     $crate::simd::Isa::Avx512 => return unsafe { v4($($arg),*) },
                     // SAFETY: as above.
-                    $crate::simd::Isa::Avx2Fma => return unsafe { v3($($arg),*) },
+                    $crate::simd::Isa::Avx2 => return unsafe { v3($($arg),*) },
                     $crate::simd::Isa::Baseline => {}
                 }
             }
-            $imp::<false>($($arg),*)
+            $imp($crate::simd::Portable, $($arg),*)
         }
     };
 }
 pub(crate) use multiversion;
 
-/// Lanes per accumulator: one AVX-512 register, two AVX2 registers.
-pub(crate) const LANES: usize = 16;
-
-/// `a * b + c`, fused when the enclosing function was compiled with FMA.
+/// Hints the CPU to pull every cache line of `s` into L2 ahead of use. A no-op off x86-64.
 #[inline(always)]
-pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
+pub(crate) fn prefetch(s: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in s.chunks(16) {
+        // SAFETY: prefetching is only a hint; it never faults, even on a bad address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
 }
 
-/// Horizontal sum as a halving tree, which LLVM turns into shuffles instead of 15 serial adds.
+/// Dot product with four vector accumulators: enough independent FMA chains to cover the
+/// FMA latency, since the loop is bound by its two loads per FMA.
 #[inline(always)]
-pub(crate) fn hsum(v: [f32; LANES]) -> f32 {
-    let mut h8 = [0.0f32; 8];
-    for i in 0..8 {
-        h8[i] = v[i] + v[i + 8];
-    }
-    let mut h4 = [0.0f32; 4];
-    for i in 0..4 {
-        h4[i] = h8[i] + h8[i + 4];
-    }
-    (h4[0] + h4[2]) + (h4[1] + h4[3])
-}
-
-/// Dot product with four independent lane accumulators (hides FMA latency; the loop is
-/// bound by its two loads per FMA).
-#[inline(always)]
-pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<S: Simd>(s: S, a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [[0.0f32; LANES]; 4];
-    let mut ca = a.chunks_exact(4 * LANES);
-    let mut cb = b.chunks_exact(4 * LANES);
+    let w = S::LANES;
+    let mut acc = [s.zero(); 4];
+    let mut ca = a.chunks_exact(4 * w);
+    let mut cb = b.chunks_exact(4 * w);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for (u, accu) in acc.iter_mut().enumerate() {
-            let (x, y) = (&x[u * LANES..][..LANES], &y[u * LANES..][..LANES]);
-            for l in 0..LANES {
-                accu[l] = fmadd::<FMA>(x[l], y[l], accu[l]);
-            }
+            *accu = s.fmadd(s.load(&x[u * w..]), s.load(&y[u * w..]), *accu);
         }
     }
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    let mut ca = ra.chunks_exact(LANES);
-    let mut cb = rb.chunks_exact(LANES);
+    let mut ca = ca.remainder().chunks_exact(w);
+    let mut cb = cb.remainder().chunks_exact(w);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..LANES {
-            acc[0][l] = fmadd::<FMA>(x[l], y[l], acc[0][l]);
-        }
+        acc[0] = s.fmadd(s.load(x), s.load(y), acc[0]);
     }
     let mut tail = 0.0f32;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail = fmadd::<FMA>(*x, *y, tail);
+        tail += x * y;
     }
-    let mut sum = [0.0f32; LANES];
-    for l in 0..LANES {
-        sum[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
-    }
-    hsum(sum) + tail
+    s.hsum(s.add(s.add(acc[0], acc[1]), s.add(acc[2], acc[3]))) + tail
 }
 
-/// Four dot products `a[i] · b` sharing the loads of `b` (1.25 loads per FMA instead of 2).
+/// Four dot products `a[i] · b` sharing each load of `b`. Two accumulators per product make
+/// eight independent FMA chains.
 #[inline(always)]
-pub(crate) fn dot4<const FMA: bool>(a: [&[f32]; 4], b: &[f32]) -> [f32; 4] {
+pub(crate) fn dot4<S: Simd>(s: S, a: [&[f32]; 4], b: &[f32]) -> [f32; 4] {
     let n = b.len();
     debug_assert!(a.iter().all(|r| r.len() == n));
     let a = [&a[0][..n], &a[1][..n], &a[2][..n], &a[3][..n]];
-    let mut acc = [[0.0f32; LANES]; 4];
-    let full = n / LANES * LANES;
+    let w = S::LANES;
+    let mut lo = [s.zero(); 4];
+    let mut hi = [s.zero(); 4];
+    let step = 2 * w;
+    let full = n / step * step;
     let mut i = 0;
     while i < full {
-        let y = &b[i..i + LANES];
-        for (r, accr) in acc.iter_mut().enumerate() {
-            let x = &a[r][i..i + LANES];
-            for l in 0..LANES {
-                accr[l] = fmadd::<FMA>(x[l], y[l], accr[l]);
-            }
+        let (y0, y1) = (s.load(&b[i..]), s.load(&b[i + w..]));
+        for r in 0..4 {
+            lo[r] = s.fmadd(s.load(&a[r][i..]), y0, lo[r]);
+            hi[r] = s.fmadd(s.load(&a[r][i + w..]), y1, hi[r]);
         }
-        i += LANES;
+        i += step;
     }
+    // Plain loops rather than `array::from_fn` or iterator closures: a closure that LLVM
+    // leaves out of line is compiled without the target features, so the intrinsics inside
+    // it become function calls.
     let mut out = [0.0f32; 4];
     for r in 0..4 {
         let mut tail = 0.0f32;
         for j in full..n {
-            tail = fmadd::<FMA>(a[r][j], b[j], tail);
+            tail += a[r][j] * b[j];
         }
-        out[r] = hsum(acc[r]) + tail;
+        out[r] = s.hsum(s.add(lo[r], hi[r])) + tail;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::Rng;
+
+    multiversion! {
+        fn both(a: &[f32], b: &[f32], c: &[f32], d: &[f32], e: &[f32]) -> (f32, [f32; 4]) => both_impl
+    }
+
+    #[inline(always)]
+    fn both_impl<S: Simd>(s: S, a: &[f32], b: &[f32], c: &[f32], d: &[f32], e: &[f32]) -> (f32, [f32; 4]) {
+        (dot(s, a, b), dot4(s, [a, c, d, e], b))
+    }
+
+    #[test]
+    fn dot_kernels_match_reference_at_every_isa_and_length() {
+        let mut rng = Rng::new(70);
+        for_each_isa(|level| {
+            for n in [0, 1, 3, 8, 15, 16, 17, 31, 33, 64, 65, 100, 257] {
+                let v: Vec<Vec<f32>> = (0..5).map(|_| rng.vec(n)).collect();
+                let r = |x: &[f32]| -> f32 {
+                    x.iter().zip(&v[1]).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>() as f32
+                };
+                let (d, d4) = both(&v[0], &v[1], &v[2], &v[3], &v[4]);
+                let expected = [r(&v[0]), r(&v[2]), r(&v[3]), r(&v[4])];
+                assert!((d - expected[0]).abs() < 1e-4, "{level:?} n={n}");
+                for i in 0..4 {
+                    assert!((d4[i] - expected[i]).abs() < 1e-4, "{level:?} n={n} i={i}");
+                }
+            }
+        });
+    }
 }

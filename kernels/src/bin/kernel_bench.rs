@@ -109,7 +109,7 @@ fn bench_topk() {
     println!("{:<46} {:>10.3} ms", "select_topk n=32768 k=2048", t * 1e3);
 }
 
-fn bench_attention(rows: usize) {
+fn bench_attention(rows: usize, stride: u32) {
     let (heads, rank, rope, n_sel, n_keys, block_size) = (16, 512, 64, 2048, 16384, 64);
     let q_latent = fill(rows * heads * rank, 9);
     let q_rope = fill(rows * heads * rope, 10);
@@ -118,9 +118,10 @@ fn bench_attention(rows: usize) {
     let kpe = fill(n_keys * rope, 12);
     let ckv_blocks: Vec<&[f32]> = ckv.chunks(block_size * rank).collect();
     let kpe_blocks: Vec<&[f32]> = kpe.chunks(block_size * rope).collect();
-    // Every 8th key, offset per row: spread over the cache like a real selection.
-    let selected: Vec<Vec<u32>> =
-        (0..rows).map(|r| (0..n_sel as u32).map(|i| i * 8 + (r as u32 % 8)).collect()).collect();
+    // Every `stride`-th key, offset per row: spread over the cache like a real selection.
+    let selected: Vec<Vec<u32>> = (0..rows)
+        .map(|r| (0..n_sel as u32).map(|i| i * stride + (r as u32 % stride)).collect())
+        .collect();
     let inp = MlaAttentionInputs {
         q_latent: &q_latent,
         q_rope: &q_rope,
@@ -138,7 +139,7 @@ fn bench_attention(rows: usize) {
     let flops = (rows * heads * n_sel) as f64 * (2.0 * (rank + rope) as f64 + 2.0 * rank as f64);
     let per_row = t / rows as f64 * 1e6;
     row(
-        &format!("sparse_mla_attention {rows} rows, h16 r512 p64 2048 keys"),
+        &format!("sparse_mla_attention {rows} rows, 2048 keys stride {stride}"),
         t,
         flops,
         &format!("{per_row:.1} us/row"),
@@ -146,16 +147,30 @@ fn bench_attention(rows: usize) {
 }
 
 fn main() {
+    // An optional argument runs only the benchmarks whose group name contains it.
+    let filter = std::env::args().nth(1).unwrap_or_default();
+    let on = |group: &str| group.contains(filter.as_str());
     println!("rayon threads: {}", rayon::current_num_threads());
-    bench_matmul(1024, 1024, 1024, 5);
-    bench_matmul(4096, 2048, 2048, 3);
-    for m in 1..=4 {
-        bench_matmul(m, 4096, 4096, 20);
+    if on("matmul") {
+        bench_matmul(1024, 1024, 1024, 5);
+        bench_matmul(4096, 2048, 2048, 3);
+        for m in [1, 2, 4, 8, 16, 32] {
+            bench_matmul(m, 4096, 4096, 10);
+        }
     }
-    bench_gemv(4096, 4096);
-    bench_indexer(4096);
-    bench_indexer(16384);
-    bench_topk();
-    bench_attention(1);
-    bench_attention(64);
+    if on("gemv") {
+        bench_gemv(4096, 4096);
+    }
+    if on("indexer") {
+        bench_indexer(4096);
+        bench_indexer(16384);
+    }
+    if on("topk") {
+        bench_topk();
+    }
+    if on("attention") {
+        bench_attention(1, 1);
+        bench_attention(1, 8);
+        bench_attention(64, 8);
+    }
 }

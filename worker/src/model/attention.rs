@@ -68,6 +68,7 @@ pub fn forward(
     segments: &[Segment],
     topk: &mut [Option<TopkRows>],
     cache: &mut KvCache,
+    indexer_seconds: &mut f64,
 ) -> Result<Vec<f32>> {
     let c = ctx.cfg;
     let rows: usize = segments.iter().map(|s| s.len).sum();
@@ -100,7 +101,9 @@ pub fn forward(
     }
 
     if let Some(ix) = &w.indexer {
+        let t0 = std::time::Instant::now();
         run_indexer(ctx, ix, x, &qr, segments, topk, cache)?;
+        *indexer_seconds += t0.elapsed().as_secs_f64();
     } else {
         for (s, t) in segments.iter().zip(topk.iter()) {
             let ok = t.as_ref().is_some_and(|t| t.len() == s.len);

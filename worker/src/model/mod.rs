@@ -80,6 +80,8 @@ pub struct StageOutput {
     pub full_layers_run: usize,
     /// Shared layers run in this pass.
     pub shared_layers_run: usize,
+    /// Wall time spent in the lightning indexer (projections, scoring, top-k).
+    pub indexer_seconds: f64,
 }
 
 /// The model restricted to one layer range.
@@ -288,7 +290,7 @@ impl Model {
             cache.grow(s.seq, s.start + s.len)?;
         }
         let mut topk: Vec<Option<TopkRows>> = segments.iter().map(|s| s.relay.clone()).collect();
-        let (mut full, mut shared) = (0, 0);
+        let (mut full, mut shared, mut indexer_seconds) = (0, 0, 0.0);
         let mut x = vec![0.0; rows * d];
         for (li, layer) in self.layers.iter().enumerate() {
             let global = self.range.start + li;
@@ -299,7 +301,7 @@ impl Model {
                 layer: global,
                 cache_layer: li,
             };
-            let attn = attention::forward(&ctx, &layer.attn, &x, segments, &mut topk, cache)?;
+            let attn = attention::forward(&ctx, &layer.attn, &x, segments, &mut topk, cache, &mut indexer_seconds)?;
             if layer.attn.indexer.is_some() {
                 full += 1;
             } else {
@@ -321,6 +323,7 @@ impl Model {
             relay,
             full_layers_run: full,
             shared_layers_run: shared,
+            indexer_seconds,
         })
     }
 
