@@ -13,6 +13,7 @@ pub mod error;
 pub mod kv_cache;
 pub mod model;
 pub mod pattern;
+pub mod relay;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
