@@ -14,9 +14,9 @@ use crate::simd::{self, multiversion, Simd};
 /// next to four heads' queries while the tile is scored (16 keys measured ~25% slower).
 const KEY_TILE: usize = 8;
 
-/// Output vectors kept in registers while a tile is accumulated into one head's output:
-/// eight independent FMA chains cover the FMA latency on two FMA ports.
-const ACC_VECTORS: usize = 8;
+/// Output vectors per head kept in registers while a tile is accumulated (two heads at a
+/// time, so eight FMA chains: enough to cover the FMA latency on two FMA ports).
+const ACC_VECTORS: usize = 4;
 
 /// Inputs of [`sparse_mla_attention`] for one sequence.
 pub struct MlaAttentionInputs<'a> {
@@ -52,15 +52,27 @@ pub struct MlaAttentionInputs<'a> {
 pub fn sparse_mla_attention(inp: &MlaAttentionInputs<'_>, out: &mut [f32]) {
     let rows = inp.selected.len();
     let (heads, rank) = (inp.heads, inp.kv_rank);
-    debug_assert_eq!(inp.q_latent.len(), rows * heads * rank, "attention: q_latent shape");
-    debug_assert_eq!(inp.q_rope.len(), rows * heads * inp.rope_dim, "attention: q_rope shape");
+    debug_assert_eq!(
+        inp.q_latent.len(),
+        rows * heads * rank,
+        "attention: q_latent shape"
+    );
+    debug_assert_eq!(
+        inp.q_rope.len(),
+        rows * heads * inp.rope_dim,
+        "attention: q_rope shape"
+    );
     debug_assert_eq!(out.len(), rows * heads * rank, "attention: out shape");
     debug_assert!(inp.block_size > 0, "attention: block_size is 0");
     if rows == 0 || heads == 0 || rank == 0 {
         return;
     }
     let tasks = 2 * rayon::current_num_threads();
-    let groups = if rows >= tasks { 1 } else { tasks.div_ceil(rows).min(heads) };
+    let groups = if rows >= tasks {
+        1
+    } else {
+        tasks.div_ceil(rows).min(heads)
+    };
     // Multiples of four heads keep the 4-way dot kernel busy.
     let group_heads = heads.div_ceil(groups).next_multiple_of(4).min(heads);
     out.par_chunks_mut(heads * rank)
@@ -112,7 +124,10 @@ fn attend_impl<S: Simd>(
     let empty: &[f32] = &[];
     let key = |pos: u32| -> (&[f32], &[f32]) {
         let (b, o) = (pos as usize / bs, pos as usize % bs);
-        (&inp.ckv_blocks[b][o * rank..][..rank], &inp.kpe_blocks[b][o * rope..][..rope])
+        (
+            &inp.ckv_blocks[b][o * rank..][..rank],
+            &inp.kpe_blocks[b][o * rope..][..rope],
+        )
     };
     for (t, tile) in selected.chunks(KEY_TILE).enumerate() {
         let nt = tile.len();
@@ -126,8 +141,8 @@ fn attend_impl<S: Simd>(
         let next = selected.get((t + 1) * KEY_TILE..).unwrap_or(&[]);
         for &pos in next.iter().take(KEY_TILE) {
             let (c, k) = key(pos);
-            //simd::prefetch(c);
-            //simd::prefetch(k);
+            simd::prefetch(c);
+            simd::prefetch(k);
         }
 
         // Logits of the tile for every head, four heads per pass over each key.
@@ -139,7 +154,23 @@ fn attend_impl<S: Simd>(
                 ql4[u] = &ql[(h + u) * rank..][..rank];
                 qr4[u] = &qr[(h + u) * rope..][..rope];
             }
-            for j in 0..nt {
+            // Two keys at a time: each query vector load serves two FMAs. The latent and
+            // rope parts accumulate into the same registers, so one reduction per logit.
+            let mut j = 0;
+            while j + 2 <= nt {
+                let mut acc = [[s.zero(); 2]; 4];
+                let mut tail = [[0.0f32; 2]; 4];
+                simd::dot_4x2_acc(s, ql4, [ckv[j], ckv[j + 1]], &mut acc, &mut tail);
+                simd::dot_4x2_acc(s, qr4, [kpe[j], kpe[j + 1]], &mut acc, &mut tail);
+                for u in 0..4 {
+                    for v in 0..2 {
+                        let logit = s.hsum(acc[u][v]) + tail[u][v];
+                        probs[(h + u) * KEY_TILE + j + v] = logit * inp.scale;
+                    }
+                }
+                j += 2;
+            }
+            if j < nt {
                 let a = simd::dot4(s, ql4, ckv[j]);
                 let b = simd::dot4(s, qr4, kpe[j]);
                 for u in 0..4 {
@@ -192,14 +223,17 @@ fn scale<S: Simd>(s: S, x: &mut [f32], factor: f32) {
     for c in &mut chunks {
         s.store(c, s.mul(s.load(c), f));
     }
-    chunks.into_remainder().iter_mut().for_each(|v| *v *= factor);
+    chunks
+        .into_remainder()
+        .iter_mut()
+        .for_each(|v| *v *= factor);
 }
 
 /// `out[h] += Σ_j probs[h][j] · keys[j]` for every head `h` (`probs` rows are `KEY_TILE`
-/// apart). Columns are the outer loop: one block of columns of the tile's keys (8 keys ×
-/// 128 floats = 4 KiB) and of every head's output stays in L1 while all heads pass over it,
-/// and [`ACC_VECTORS`] output vectors stay in registers across the keys, so each key element
-/// costs one L1 load and one FMA.
+/// apart). Columns are the outer loop, so one block of columns of the tile's keys and of
+/// every head's output stays in L1 while all heads pass over it. Heads go in pairs that
+/// share each key load; their 2 × [`ACC_VECTORS`] outputs stay in registers across the
+/// tile, giving eight independent FMA chains.
 #[inline(always)]
 fn accumulate<S: Simd>(s: S, out: &mut [f32], probs: &[f32], keys: &[&[f32]], rank: usize) {
     let w = S::LANES;
@@ -207,24 +241,49 @@ fn accumulate<S: Simd>(s: S, out: &mut [f32], probs: &[f32], keys: &[&[f32]], ra
     let block = ACC_VECTORS * w;
     let mut c = 0;
     while c + block <= rank {
-        for h in 0..nh {
-            let acc = &mut out[h * rank + c..][..block];
+        let mut h = 0;
+        while h + 2 <= nh {
+            let mut regs = [[s.zero(); ACC_VECTORS]; 2];
+            for (u, r) in regs.iter_mut().enumerate() {
+                for (v, reg) in r.iter_mut().enumerate() {
+                    *reg = s.load(&out[(h + u) * rank + c + v * w..]);
+                }
+            }
+            let (p0, p1) = (&probs[h * KEY_TILE..], &probs[(h + 1) * KEY_TILE..]);
+            for (j, key) in keys.iter().enumerate() {
+                let key = &key[c..c + block];
+                let (a0, a1) = (s.splat(p0[j]), s.splat(p1[j]));
+                for v in 0..ACC_VECTORS {
+                    let k = s.load(&key[v * w..]);
+                    regs[0][v] = s.fmadd(a0, k, regs[0][v]);
+                    regs[1][v] = s.fmadd(a1, k, regs[1][v]);
+                }
+            }
+            for (u, r) in regs.iter().enumerate() {
+                for (v, reg) in r.iter().enumerate() {
+                    s.store(&mut out[(h + u) * rank + c + v * w..], *reg);
+                }
+            }
+            h += 2;
+        }
+        if h < nh {
             let mut regs = [s.zero(); ACC_VECTORS];
             for (v, reg) in regs.iter_mut().enumerate() {
-                *reg = s.load(&acc[v * w..]);
+                *reg = s.load(&out[h * rank + c + v * w..]);
             }
             for (&pj, key) in probs[h * KEY_TILE..].iter().zip(keys) {
-                let (pj, key) = (s.splat(pj), &key[c..c + block]);
+                let (a, key) = (s.splat(pj), &key[c..c + block]);
                 for (v, reg) in regs.iter_mut().enumerate() {
-                    *reg = s.fmadd(pj, s.load(&key[v * w..]), *reg);
+                    *reg = s.fmadd(a, s.load(&key[v * w..]), *reg);
                 }
             }
             for (v, reg) in regs.iter().enumerate() {
-                s.store(&mut acc[v * w..], *reg);
+                s.store(&mut out[h * rank + c + v * w..], *reg);
             }
         }
         c += block;
     }
+    // Columns past the last full block: one vector, then single elements.
     for h in 0..nh {
         let acc = &mut out[h * rank..][..rank];
         let p = &probs[h * KEY_TILE..][..keys.len()];

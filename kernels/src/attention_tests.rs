@@ -1,6 +1,7 @@
 //! Tests of sparse MLA attention against plain per-head loops in `f64`.
 
 use super::*;
+use crate::simd::for_each_isa;
 use crate::test_util::{assert_close, Rng};
 
 struct Case {
@@ -128,7 +129,15 @@ fn decode_row_splits_heads_across_tasks() {
         picks: vec![200],
     };
     run_case(&c, 61);
-    let c = Case { heads: 3, kv_rank: 1, rope_dim: 1, block_size: 1, n_keys: 20, scale: 1.0, picks: vec![20] };
+    let c = Case {
+        heads: 3,
+        kv_rank: 1,
+        rope_dim: 1,
+        block_size: 1,
+        n_keys: 20,
+        scale: 1.0,
+        picks: vec![20],
+    };
     run_case(&c, 62);
 }
 
@@ -159,4 +168,19 @@ fn deepseek_shapes() {
         picks: vec![400, 1, 250],
     };
     run_case(&c, 64);
+}
+
+#[test]
+fn every_isa_matches_reference() {
+    // Odd head count and rank exercise the pair/single-head and vector/scalar tails.
+    let c = Case {
+        heads: 7,
+        kv_rank: 150,
+        rope_dim: 12,
+        block_size: 10,
+        n_keys: 90,
+        scale: 0.5,
+        picks: vec![1, 9, 40, 90],
+    };
+    for_each_isa(|_| run_case(&c, 65));
 }

@@ -64,7 +64,10 @@ pub(crate) fn matmul_t_with(
         return;
     }
     // Real checks, not debug ones: `gemm` reads and writes through raw pointers.
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul_t: shapes");
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "matmul_t: shapes"
+    );
     let par = if parallel && m * n * k >= GEMM_PARALLEL_MIN_MACS {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -173,18 +176,38 @@ multiversion! {
 
 #[inline(always)]
 fn small_m_rows_impl<S: Simd>(s: S, x: &[f32], w: &[f32], out_t: &mut [f32], m: usize, k: usize) {
-    for (wr, o) in w.chunks_exact(k).zip(out_t.chunks_exact_mut(m)) {
-        // Four input rows per pass share each load of the weight row; a short last group
-        // repeats its final row (same addresses, so only the discarded FMAs are wasted).
+    // Four input rows × two weight rows per pass: six loads feed eight FMAs. A short last
+    // group repeats its final row (same addresses, so only the discarded FMAs are wasted).
+    let n = out_t.len() / m;
+    let group = |g: usize| -> [&[f32]; 4] {
+        let mut xs: [&[f32]; 4] = [&[]; 4];
+        for (u, xr) in xs.iter_mut().enumerate() {
+            let i = (g + u).min(m - 1);
+            *xr = &x[i * k..(i + 1) * k];
+        }
+        xs
+    };
+    let mut j = 0;
+    while j + 2 <= n {
+        let (w0, w1) = (&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k]);
         for g in (0..m).step_by(4) {
-            let mut xs: [&[f32]; 4] = [&[]; 4];
-            for (u, xr) in xs.iter_mut().enumerate() {
-                let i = (g + u).min(m - 1);
-                *xr = &x[i * k..(i + 1) * k];
+            let mut acc = [[s.zero(); 2]; 4];
+            let mut tail = [[0.0f32; 2]; 4];
+            simd::dot_4x2_acc(s, group(g), [w0, w1], &mut acc, &mut tail);
+            for u in 0..(m - g).min(4) {
+                for v in 0..2 {
+                    out_t[(j + v) * m + g + u] = s.hsum(acc[u][v]) + tail[u][v];
+                }
             }
-            let d = simd::dot4(s, xs, wr);
+        }
+        j += 2;
+    }
+    if j < n {
+        let wr = &w[j * k..(j + 1) * k];
+        for g in (0..m).step_by(4) {
+            let d = simd::dot4(s, group(g), wr);
             let take = (m - g).min(4);
-            o[g..g + take].copy_from_slice(&d[..take]);
+            out_t[j * m + g..j * m + g + take].copy_from_slice(&d[..take]);
         }
     }
 }
@@ -192,6 +215,7 @@ fn small_m_rows_impl<S: Simd>(s: S, x: &[f32], w: &[f32], out_t: &mut [f32], m: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simd::for_each_isa;
     use crate::test_util::{assert_close, Rng};
 
     fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -234,6 +258,21 @@ mod tests {
             matmul_t_with(&x, &w, &mut serial, m, k, n, false);
             assert_close(&serial, &out, 1e-5, 1e-6);
         }
+    }
+
+    #[test]
+    fn every_isa_matches_reference() {
+        let mut rng = Rng::new(3);
+        for_each_isa(|level| {
+            for &(m, k, n) in &[(1, 37, 300), (1, 300, 301), (3, 70, 5), (6, 33, 130)] {
+                let x = rng.vec(m * k);
+                let w = rng.vec(n * k);
+                let mut out = vec![f32::NAN; m * n];
+                matmul_t(&x, &w, &mut out, m, k, n);
+                assert_close(&out, &reference(&x, &w, m, k, n), 1e-4, 1e-5);
+                assert!(out.iter().all(|v| v.is_finite()), "{level:?}");
+            }
+        });
     }
 
     #[test]

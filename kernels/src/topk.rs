@@ -45,7 +45,10 @@ fn ordered_bits(score: f32) -> u32 {
 pub fn select_topk(scores: &[f32], k: usize, out: &mut Vec<u32>) {
     out.clear();
     let n = scores.len();
-    debug_assert!(n <= u32::MAX as usize, "select_topk: index does not fit in u32");
+    debug_assert!(
+        n <= u32::MAX as usize,
+        "select_topk: index does not fit in u32"
+    );
     if k >= n {
         out.extend(0..n as u32);
         return;
@@ -93,7 +96,15 @@ mod tests {
     fn matches_full_sort_on_random_inputs() {
         let mut rng = Rng::new(40);
         let mut out = Vec::new();
-        for &(n, k) in &[(1, 0), (2, 1), (10, 3), (100, 1), (100, 99), (1000, 17), (5000, 2048)] {
+        for &(n, k) in &[
+            (1, 0),
+            (2, 1),
+            (10, 3),
+            (100, 1),
+            (100, 99),
+            (1000, 17),
+            (5000, 2048),
+        ] {
             // Few distinct values, so ties are common.
             let scores: Vec<f32> = (0..n).map(|_| (rng.below(50) as f32) - 25.0).collect();
             select_topk(&scores, k, &mut out);
@@ -145,7 +156,13 @@ mod tests {
     #[test]
     fn infinities_and_extremes_order_correctly() {
         let mut out = Vec::new();
-        let s = [f32::MIN, f32::INFINITY, f32::MAX, -f32::MIN_POSITIVE, f32::MIN_POSITIVE];
+        let s = [
+            f32::MIN,
+            f32::INFINITY,
+            f32::MAX,
+            -f32::MIN_POSITIVE,
+            f32::MIN_POSITIVE,
+        ];
         select_topk(&s, 3, &mut out);
         assert_eq!(out, [1, 2, 4]);
         select_topk(&s, 4, &mut out);

@@ -241,28 +241,22 @@ impl Engine {
                 a.prefilled = a.prefilled.max((s.start + s.len).min(a.req.prompt.len()));
             }
         }
-        let d = self.model.config().hidden_size;
-        let vocab = self.model.config().vocab_size;
-        let mut lp = vec![0.0; vocab];
-        for chunk in wanted.chunks(self.opts.logits_chunk.max(1)) {
-            let mut h = Vec::with_capacity(chunk.len() * d);
-            for (_, row, _) in chunk {
-                h.extend_from_slice(&out.hidden[row * d..(row + 1) * d]);
-            }
-            let logits = self.model.logits(&h, chunk.len())?;
-            for (i, (ai, _, usage)) in chunk.iter().enumerate() {
-                let row = &logits[i * vocab..(i + 1) * vocab];
-                kernels::log_softmax(row, &mut lp);
-                let a = &mut active[*ai];
-                match usage {
-                    RowUse::PromptTarget(t) => {
-                        if let Some(v) = a.out.prompt_logprobs.as_mut() {
-                            v.push(Some(lp[*t as usize]));
-                        }
+        let rows: Vec<usize> = wanted.iter().map(|(_, row, _)| *row).collect();
+        let mut samples = Vec::new();
+        self.model.for_each_logits_row(&out.hidden, &rows, self.opts.logits_chunk, |i, logits, lp| {
+            let (ai, _, usage) = wanted[i];
+            let a = &mut active[ai];
+            match usage {
+                RowUse::PromptTarget(t) => {
+                    if let Some(v) = a.out.prompt_logprobs.as_mut() {
+                        v.push(Some(lp[t as usize]));
                     }
-                    RowUse::Sample => self.accept(a, row, &lp),
                 }
+                RowUse::Sample => samples.push((ai, sample_row(a, logits, lp))),
             }
+        })?;
+        for (ai, picked) in samples {
+            self.accept(&mut active[ai], picked);
         }
         for a in active.iter() {
             if a.done {
@@ -272,14 +266,13 @@ impl Engine {
         Ok(())
     }
 
-    fn accept(&self, a: &mut Active, logits: &[f32], logprobs: &[f32]) {
-        if a.req.max_new_tokens == 0 {
+    fn accept(&self, a: &mut Active, picked: Option<(u32, f32)>) {
+        let Some((t, logprob)) = picked else {
             a.done = true;
             return;
-        }
-        let t = sample(logits, &a.req.sampling, &mut a.rng);
+        };
         a.out.token_ids.push(t);
-        a.out.token_logprobs.push(logprobs[t as usize]);
+        a.out.token_logprobs.push(logprob);
         let eos = self.model.config().eos_token_ids.contains(&t);
         if eos && !a.req.ignore_eos {
             a.out.finish_reason = FinishReason::Stop;
@@ -288,6 +281,15 @@ impl Engine {
             a.done = true;
         }
     }
+}
+
+/// Samples the next token of a sequence (None when it only scores its prompt).
+fn sample_row(a: &mut Active, logits: &[f32], logprobs: &[f32]) -> Option<(u32, f32)> {
+    if a.req.max_new_tokens == 0 {
+        return None;
+    }
+    let t = sample(logits, &a.req.sampling, &mut a.rng);
+    Some((t, logprobs[t as usize]))
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -341,6 +341,35 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Visits the logits and log-probabilities of selected hidden rows, materializing at most
+    /// `chunk` rows × vocab at a time. `f(i, logits, logprobs)` gets the index into `rows`.
+    pub fn for_each_logits_row(
+        &self,
+        hidden: &[f32],
+        rows: &[usize],
+        chunk: usize,
+        mut f: impl FnMut(usize, &[f32], &[f32]),
+    ) -> Result<()> {
+        let d = self.cfg.hidden_size;
+        let vocab = self.cfg.vocab_size;
+        let mut lp = vec![0.0; vocab];
+        let mut h = Vec::new();
+        for (c, part) in rows.chunks(chunk.max(1)).enumerate() {
+            h.clear();
+            for &row in part {
+                h.extend_from_slice(&hidden[row * d..(row + 1) * d]);
+            }
+            let logits = self.logits(&h, part.len())?;
+            for (i, row_logits) in logits.chunks_exact(vocab).enumerate() {
+                kernels::log_softmax(row_logits, &mut lp);
+                f(c * chunk.max(1) + i, row_logits, &lp);
+            }
+        }
+        Ok(())
+    }
+}
+
 fn add_in_place(acc: &mut [f32], x: &[f32]) {
     for (a, b) in acc.iter_mut().zip(x) {
         *a += b;

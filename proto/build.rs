@@ -1,0 +1,12 @@
+//! Generates the gRPC code and a file descriptor set (for server reflection).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("indexrelay_descriptor.bin"))
+        .compile_protos(
+            &["proto/indexrelay/v1/generate.proto", "proto/indexrelay/v1/stage.proto"],
+            &["proto"],
+        )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}
