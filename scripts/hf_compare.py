@@ -15,11 +15,14 @@ What it does
   naming (``mlp.experts.{j}.{gate,up,down}_proj.weight``); HF's loader converts it to its
   fused expert tensors. The experts implementation is HF's default unless
   ``--experts-implementation`` is given.
-* Runs one no-cache forward over the first ``--context`` ids of ``--ids`` (a JSON array of
+* After an untimed warm-up forward over the first ``--warmup-tokens`` ids, runs one
+  no-cache forward over the first ``--context`` ids of ``--ids`` (a JSON array of
   token ids; without ``--ids`` a seeded random prompt is drawn) with ``logits_to_keep=1``,
   so only the last position's logits are computed (as the engine does after prefill).
 * Prints one JSON object on the last line of stdout: load and prefill seconds, peak RSS
-  (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), RSS after loading, and on failure to
+  (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, and at least the load-phase peak), RSS
+  after loading, the forward's own peak (``VmHWM`` after resetting it through
+  ``/proc/self/clear_refs`` once the model is loaded), and on failure to
   allocate (``oom: true``) the error message. ``--logits-out`` writes the last-position
   logits as raw little-endian float32.
 
@@ -56,6 +59,7 @@ def parse_args(argv):
     p.add_argument("--logits-out", help="write the last-position logits here (raw little-endian f32)")
     p.add_argument("--mem-limit-gb", type=float, default=0.0, help="address-space cap for the forward (0: none)")
     p.add_argument("--experts-implementation", default=None, help="HF experts implementation (default: HF's)")
+    p.add_argument("--warmup-tokens", type=int, default=16, help="untimed forward over this many ids first (0: none)")
     return p.parse_args(argv)
 
 
@@ -85,6 +89,16 @@ def mem_available_bytes() -> int:
 def peak_rss_bytes() -> int:
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_hwm() -> bool:
+    """Resets VmHWM (and the RSS high-water mark getrusage reads) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def apply_mem_limit(requested_gb: float) -> dict:
@@ -117,6 +131,7 @@ def main(argv) -> int:
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
 
     out = {
@@ -148,7 +163,7 @@ def main(argv) -> int:
     model.eval()
     out["load_seconds"] = time.perf_counter() - t0
     out["rss_after_load_bytes"] = status_kib("VmRSS") * 1024
-    out["peak_rss_after_load_bytes"] = peak_rss_bytes()
+    out["peak_rss_load_bytes"] = max(peak_rss_bytes(), status_kib("VmHWM") * 1024)
     out["params"] = sum(p.numel() for p in model.parameters())
 
     if ids is None:
@@ -158,9 +173,14 @@ def main(argv) -> int:
 
     if args.mem_limit_gb > 0:
         out.update(apply_mem_limit(args.mem_limit_gb))
+    # Reset the high-water mark so the forward's own peak can be told from the load peak.
+    out["hwm_reset"] = reset_hwm()
 
     try:
         with torch.inference_mode():
+            if args.warmup_tokens > 0:
+                # First-call costs (thread pool start, allocator growth) are not prefill time.
+                model(input_ids=input_ids[:, : args.warmup_tokens], use_cache=False, logits_to_keep=1)
             t0 = time.perf_counter()
             logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
             out["prefill_seconds"] = time.perf_counter() - t0
@@ -176,7 +196,8 @@ def main(argv) -> int:
         out["oom"] = True
         out["error"] = str(err).strip().splitlines()[0][:300]
     finally:
-        out["peak_rss_bytes"] = peak_rss_bytes()
+        out["peak_rss_forward_bytes"] = status_kib("VmHWM") * 1024
+        out["peak_rss_bytes"] = max(peak_rss_bytes(), out["peak_rss_load_bytes"])
     print(json.dumps(out), flush=True)
     return 0
 

@@ -113,6 +113,11 @@ fn attend_impl<S: Simd>(
     let qr = &inp.q_rope[(row * heads + h0) * rope..][..nh * rope];
     let selected = &inp.selected[row];
     debug_assert!(!selected.is_empty(), "attention: row {row} selects no keys");
+    if selected.is_empty() {
+        // Contract violation in release builds: zeros rather than 0/0 = NaN.
+        out.fill(0.0);
+        return;
+    }
 
     scratch.clear();
     scratch.resize(nh * (KEY_TILE + 2), 0.0);

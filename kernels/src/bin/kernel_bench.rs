@@ -125,7 +125,7 @@ fn bench_indexer(n_keys: usize) {
 fn bench_topk() {
     let scores = fill(32 * 1024, 8);
     let mut out = Vec::new();
-    let t = best(50, || select_topk(black_box(&scores), 2048, &mut out));
+    let t = best(200, || select_topk(black_box(&scores), 2048, &mut out));
     println!("{:<46} {:>10.3} ms", "select_topk n=32768 k=2048", t * 1e3);
 }
 

@@ -44,6 +44,9 @@ use worker::{Architecture, Model, Segment, StageInput};
 /// Prefix of the one stdout line a child prints its result on.
 const RESULT_MARKER: &str = "DSA_BENCH_RESULT ";
 
+/// Sequence id of the child's untimed warm-up forward.
+const WARMUP_SEQ: u64 = 1;
+
 /// Pattern names the `--patterns` flag understands besides explicit F/S strings.
 const PATTERN_FULL: &str = "full";
 /// One Full layer in four: `FSSS` repeated over the layers.
@@ -259,6 +262,9 @@ struct ChildArgs {
     /// Write the last prompt position's logits here (raw little-endian f32).
     #[arg(long)]
     logits_out: Option<PathBuf>,
+    /// Untimed warm-up forward over this many prompt ids (another sequence, released).
+    #[arg(long, default_value_t = 16)]
+    warmup_tokens: usize,
 }
 
 /// What one child measured.
@@ -366,7 +372,20 @@ fn child(a: &ChildArgs) -> Result<()> {
         .map(|i| if model.pattern().is_full(i) { 'F' } else { 'S' })
         .collect();
     let total = a.context + a.decode_tokens;
-    let mut cache = model.new_cache(a.block_size, total.div_ceil(a.block_size));
+    let mut cache = model.new_cache(a.block_size, total.div_ceil(a.block_size).max(1));
+
+    // Untimed warm-up on another sequence: rayon pool start, first-touch page faults.
+    if a.warmup_tokens > 0 {
+        let n = a.warmup_tokens.min(a.context);
+        let seg = Segment {
+            seq: WARMUP_SEQ,
+            start: 0,
+            len: n,
+            relay: None,
+        };
+        model.forward(&mut cache, &[seg], StageInput::Tokens(prompt[..n].to_vec()))?;
+        cache.release(WARMUP_SEQ);
+    }
 
     let (mut chunk_seconds, mut chunk_indexer_seconds) = (Vec::new(), Vec::new());
     let (mut full_layers, mut shared_layers) = (0, 0);
@@ -488,7 +507,9 @@ fn spawn_child(args: &ChildArgs) -> Result<ChildResult> {
         .arg("--block-size")
         .arg(args.block_size.to_string())
         .arg("--decode-tokens")
-        .arg(args.decode_tokens.to_string());
+        .arg(args.decode_tokens.to_string())
+        .arg("--warmup-tokens")
+        .arg(args.warmup_tokens.to_string());
     if let Some(p) = &args.pattern {
         cmd.arg("--pattern").arg(p);
     }
@@ -536,6 +557,9 @@ struct HfResult {
     /// RSS after loading (bytes).
     #[serde(default)]
     rss_after_load_bytes: u64,
+    /// Peak RSS of the forward alone (`VmHWM` after a reset; bytes).
+    #[serde(default)]
+    peak_rss_forward_bytes: u64,
     /// Parameters.
     #[serde(default)]
     params: u64,
@@ -642,7 +666,7 @@ impl FlopModel {
             2 * (s.q_lora_rank * s.index_heads * s.index_dim + d * s.index_dim + d * s.index_heads);
         // Σ_t min(t + 1, topk) keys attended; Σ_{t ≥ topk} (t + 1) keys scored.
         let attended: f64 = (0..n).map(|t| f((t + 1).min(s.index_topk))).sum();
-        let scored: f64 = (s.index_topk.min(n)..n).map(|t| f(t + 1)).sum();
+        let scored: f64 = (s.index_topk.min(n)..n).map(|t| f(t + 1)).sum::<f64>() + 0.0;
         let moe_layers = s.layers.saturating_sub(s.first_k_dense);
         let dense_layers = s.layers - moe_layers;
         let mlp_dense = f(dense_layers) * f(n) * f(6 * d * s.intermediate);
@@ -836,6 +860,7 @@ fn orchestrate(r: &RunArgs) -> Result<()> {
                 0
             },
             logits_out,
+            warmup_tokens: 16,
         };
         eprintln!("engine: context {c}, pattern {} ...", p.label);
         let res = spawn_child(&args)?;
@@ -1035,7 +1060,7 @@ fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), Child
     }
     println!(
         "| context | engine s | HF s | HF / engine (target ≥ 5) | engine peak RSS MiB | HF peak RSS MiB | \
-         HF RSS after load MiB | last-position logits max abs diff (max abs logit) | same argmax |"
+         HF RSS after load / forward peak MiB | last-position logits max abs diff (max abs logit) | same argmax |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for (h, &(c, diff, scale)) in report.hf.iter().zip(&report.hf_logits_max_abs_diff) {
@@ -1044,13 +1069,14 @@ fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), Child
         };
         let hs = h.prefill_seconds.unwrap_or(f64::NAN);
         println!(
-            "| {c} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.3e} ({:.2}) | {} |",
+            "| {c} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} / {:.0} | {:.3e} ({:.2}) | {} |",
             e.prefill_seconds,
             hs,
             hs / e.prefill_seconds,
             mib(e.peak_rss),
             mib(h.peak_rss_bytes),
             mib(h.rss_after_load_bytes),
+            mib(h.peak_rss_forward_bytes),
             diff,
             scale,
             if h.argmax == Some(e.first_token) {
@@ -1105,7 +1131,7 @@ fn print_flops(
         let ix = m.indexer_proj + m.indexer_score;
         let rest_s = x.prefill_seconds - x.prefill_indexer_seconds;
         println!(
-            "| {c} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            "| {c} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             patterns[pi].label,
             m.attn_proj * g,
             m.attn_core * g,

@@ -1,0 +1,124 @@
+//! The compute side of a stage: decode a micro-batch, run the layer range, and turn the
+//! result into the message for the next hop.
+
+use proto::v1::{self as pb, forward_request::Input};
+
+use super::{Outbound, StageState};
+use crate::error::{Result, WorkerError};
+use crate::model::{Segment, StageInput};
+use crate::relay;
+use crate::sampling::{sample, Rng, SamplingParams};
+
+/// Runs one micro-batch; every failure becomes an error report for the coordinator.
+pub fn process(state: &StageState, req: pb::ForwardRequest) -> Outbound {
+    let report_to = req.report_to.clone();
+    let batch_id = req.batch_id;
+    match run(state, req) {
+        Ok(out) => out,
+        Err(e) => Outbound::Report(
+            report_to,
+            pb::TokenReport {
+                batch_id,
+                results: Vec::new(),
+                error: format!("stage {}: {e}", state.worker_id),
+            },
+        ),
+    }
+}
+
+fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
+    let model = &state.model;
+    let segments = req
+        .segments
+        .iter()
+        .map(|s| {
+            let relay = match &s.relay {
+                Some(r) => Some(relay::decode(&r.packed, s.len as usize, s.start as usize)?),
+                None => None,
+            };
+            Ok(Segment {
+                seq: s.seq,
+                start: s.start as usize,
+                len: s.len as usize,
+                relay,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let input = match req.input.take() {
+        Some(Input::Tokens(t)) => StageInput::Tokens(t.ids),
+        Some(Input::Hidden(h)) => StageInput::Hidden(
+            proto::bytes_to_f32s(&h).ok_or_else(|| WorkerError::invalid("hidden", "length is not a multiple of 4 bytes"))?,
+        ),
+        None => return Err(WorkerError::invalid("input", "a micro-batch needs tokens or hidden states")),
+    };
+    let out = {
+        let mut cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
+        model.forward(&mut cache, &segments, input)?
+    };
+    if !model.is_last() {
+        for (s, r) in req.segments.iter_mut().zip(&out.relay) {
+            s.relay = r.as_ref().map(|rows| pb::Relay {
+                packed: relay::encode(rows, s.start as usize),
+            });
+        }
+        req.input = Some(Input::Hidden(proto::f32s_to_bytes(&out.hidden)));
+        return Ok(Outbound::Next(req));
+    }
+    let results = sample_and_score(state, &req.segments, &out.hidden)?;
+    Ok(Outbound::Report(
+        req.report_to,
+        pb::TokenReport {
+            batch_id: req.batch_id,
+            results,
+            error: String::new(),
+        },
+    ))
+}
+
+/// The last stage's work: prompt logprobs for the requested rows and a sampled token for
+/// segments that end on a sampling row.
+fn sample_and_score(state: &StageState, segments: &[pb::Segment], hidden: &[f32]) -> Result<Vec<pb::SegmentResult>> {
+    // (segment, row in batch, Some(target) for a prompt logprob / None to sample)
+    let mut wanted: Vec<(usize, usize, Option<u32>)> = Vec::new();
+    let mut row0 = 0;
+    for (si, s) in segments.iter().enumerate() {
+        for (i, t) in s.prompt_targets.iter().enumerate().take(s.len as usize) {
+            wanted.push((si, row0 + i, Some(*t)));
+        }
+        if s.sample_last {
+            wanted.push((si, row0 + s.len as usize - 1, None));
+        }
+        row0 += s.len as usize;
+    }
+    let mut results: Vec<pb::SegmentResult> = segments
+        .iter()
+        .map(|s| pb::SegmentResult {
+            seq: s.seq,
+            ..Default::default()
+        })
+        .collect();
+    let rows: Vec<usize> = wanted.iter().map(|w| w.1).collect();
+    let mut rngs = state.rngs.lock().unwrap_or_else(|p| p.into_inner());
+    state.model.for_each_logits_row(hidden, &rows, state.logits_chunk, |i, logits, lp| {
+        let (si, _, target) = wanted[i];
+        let r = &mut results[si];
+        match target {
+            Some(t) => r.prompt_logprobs.push(lp[t as usize]),
+            None => {
+                let s = &segments[si];
+                let p = s.sampling.clone().unwrap_or_default();
+                let params = SamplingParams {
+                    temperature: p.temperature,
+                    top_p: if p.top_p > 0.0 { p.top_p } else { 1.0 },
+                    top_k: p.top_k as usize,
+                    seed: Some(p.seed),
+                };
+                let rng = rngs.entry(s.seq).or_insert_with(|| Rng::new(p.seed));
+                let tok = sample(logits, &params, rng);
+                r.token = Some(tok);
+                r.token_logprob = lp[tok as usize];
+            }
+        }
+    })?;
+    Ok(results)
+}

@@ -1,0 +1,62 @@
+//! A pipeline stage: one worker's layer range behind the `Stage` gRPC service.
+//!
+//! `Forward` only enqueues: a dedicated compute thread runs micro-batches in arrival order
+//! (the model math never blocks the async executor), and one ordered sender task ships each
+//! result straight to the next stage, or, on the last stage, samples and reports tokens to
+//! the coordinator's collector. Sequences' cache entries stay here until `Release`.
+
+mod compute;
+mod service;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use proto::v1::{ForwardRequest, TokenReport};
+
+use crate::kv_cache::KvCache;
+use crate::model::Model;
+use crate::sampling::Rng;
+
+pub use service::{serve, ServeOptions};
+
+/// Work for the ordered sender.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Activations (and relay) for the next stage.
+    Next(ForwardRequest),
+    /// Sampled tokens / errors for the coordinator at this address.
+    Report(String, TokenReport),
+}
+
+/// Shared state of a stage.
+pub struct StageState {
+    /// This worker's id.
+    pub worker_id: String,
+    /// The layer range.
+    pub model: Model,
+    /// Served model name.
+    pub model_name: String,
+    /// Paged cache of this range.
+    pub cache: Mutex<KvCache>,
+    /// Per-sequence sampling generators (last stage only), seeded on first use.
+    pub rngs: Mutex<HashMap<u64, Rng>>,
+    /// Address of the next stage (`None` on the last stage).
+    pub next: Option<String>,
+    /// Rows whose logits are materialized at once.
+    pub logits_chunk: usize,
+}
+
+impl StageState {
+    /// Frees sequences' cache and sampling state (idempotent).
+    pub fn release(&self, seqs: &[u64]) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rngs = self.rngs.lock().unwrap_or_else(|p| p.into_inner());
+        for s in seqs {
+            cache.release(*s);
+            rngs.remove(s);
+        }
+    }
+}
+
+/// Handle used by the service to enqueue work.
+pub type StageHandle = Arc<StageState>;

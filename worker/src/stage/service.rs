@@ -1,0 +1,196 @@
+//! The `Stage` gRPC service, the compute thread and the ordered sender.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use proto::v1::collector_client::CollectorClient;
+use proto::v1::stage_client::StageClient;
+use proto::v1::stage_server::{Stage, StageServer};
+use proto::v1::{self as pb};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Request, Response, Status};
+
+use super::{compute, Outbound, StageHandle, StageState};
+use crate::error::Result;
+use crate::model::Model;
+
+/// How to run a stage server.
+pub struct ServeOptions {
+    /// Worker id reported in `Info`.
+    pub worker_id: String,
+    /// Served model name.
+    pub model_name: String,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Next stage's address (`None` on the last stage).
+    pub next: Option<String>,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// KV blocks.
+    pub kv_blocks: usize,
+    /// Rows whose logits are materialized at once.
+    pub logits_chunk: usize,
+}
+
+struct StageService {
+    state: StageHandle,
+    jobs: std::sync::mpsc::Sender<pb::ForwardRequest>,
+}
+
+#[tonic::async_trait]
+impl Stage for StageService {
+    async fn forward(&self, req: Request<pb::ForwardRequest>) -> std::result::Result<Response<pb::ForwardAck>, Status> {
+        self.jobs
+            .send(req.into_inner())
+            .map_err(|_| Status::unavailable("stage compute thread stopped"))?;
+        Ok(Response::new(pb::ForwardAck {}))
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> std::result::Result<Response<pb::ReleaseResponse>, Status> {
+        let state = self.state.clone();
+        let seqs = req.into_inner().seqs;
+        // Locks may be held by a running forward: wait off the executor.
+        tokio::task::spawn_blocking(move || state.release(&seqs))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
+    async fn info(&self, _req: Request<pb::InfoRequest>) -> std::result::Result<Response<pb::StageInfo>, Status> {
+        let state = self.state.clone();
+        let info = tokio::task::spawn_blocking(move || {
+            let cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let range = state.model.range();
+            pb::StageInfo {
+                worker_id: state.worker_id.clone(),
+                layer_start: range.start as u32,
+                layer_end: range.end as u32,
+                num_layers: state.model.config().num_hidden_layers as u32,
+                index_pattern: state.model.pattern().to_string(),
+                kv_blocks_total: cache.capacity_blocks() as u64,
+                kv_blocks_free: cache.free_blocks() as u64,
+                block_size: cache.block_size() as u32,
+                model: state.model_name.clone(),
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(info))
+    }
+}
+
+async fn channel(addr: &str) -> std::result::Result<Channel, tonic::transport::Error> {
+    let uri = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
+    Endpoint::from_shared(uri)?.connect().await
+}
+
+/// Ships results in order: one batch's activations never overtake an earlier batch's.
+async fn sender(mut rx: mpsc::UnboundedReceiver<Outbound>, next: Option<String>) {
+    let mut next_client: Option<StageClient<Channel>> = None;
+    let mut collectors: HashMap<String, CollectorClient<Channel>> = HashMap::new();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Outbound::Next(req) => {
+                let (batch_id, report_to) = (req.batch_id, req.report_to.clone());
+                let sent = match (&mut next_client, &next) {
+                    (Some(c), _) => c.forward(req).await.map(|_| ()).map_err(|e| e.to_string()),
+                    (None, Some(addr)) => match channel(addr).await {
+                        Ok(ch) => {
+                            let mut c = StageClient::new(ch).max_decoding_message_size(usize::MAX);
+                            let r = c.forward(req).await.map(|_| ()).map_err(|e| e.to_string());
+                            next_client = Some(c);
+                            r
+                        }
+                        Err(e) => Err(format!("cannot reach next stage {addr}: {e}")),
+                    },
+                    (None, None) => Err("no next stage configured".to_string()),
+                };
+                if let Err(e) = sent {
+                    next_client = None;
+                    let report = pb::TokenReport {
+                        batch_id,
+                        results: Vec::new(),
+                        error: format!("next stage unavailable: {e}"),
+                    };
+                    report_to_collector(&mut collectors, &report_to, report).await;
+                }
+            }
+            Outbound::Report(addr, report) => report_to_collector(&mut collectors, &addr, report).await,
+        }
+    }
+}
+
+async fn report_to_collector(collectors: &mut HashMap<String, CollectorClient<Channel>>, addr: &str, report: pb::TokenReport) {
+    if !collectors.contains_key(addr) {
+        match channel(addr).await {
+            Ok(ch) => {
+                collectors.insert(addr.to_string(), CollectorClient::new(ch));
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot reach the coordinator's collector; report dropped");
+                return;
+            }
+        }
+    }
+    if let Some(c) = collectors.get_mut(addr) {
+        if let Err(e) = c.report(report).await {
+            tracing::warn!(%addr, error = %e, "report to the coordinator failed");
+            collectors.remove(addr);
+        }
+    }
+}
+
+/// Serves `model` as a stage until the process is stopped.
+pub async fn serve(model: Model, opts: ServeOptions) -> Result<()> {
+    let cache = model.new_cache(opts.block_size, opts.kv_blocks);
+    let state: StageHandle = Arc::new(StageState {
+        worker_id: opts.worker_id.clone(),
+        model_name: opts.model_name.clone(),
+        cache: Mutex::new(cache),
+        rngs: Mutex::new(HashMap::new()),
+        next: opts.next.clone(),
+        logits_chunk: opts.logits_chunk,
+        model,
+    });
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<pb::ForwardRequest>();
+    let compute_state = state.clone();
+    std::thread::Builder::new()
+        .name("stage-compute".into())
+        .spawn(move || {
+            for req in job_rx {
+                let out = compute::process(&compute_state, req);
+                if out_tx.send(out).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|source| crate::error::WorkerError::Io {
+            path: "stage-compute thread".into(),
+            source,
+        })?;
+    tokio::spawn(sender(out_rx, opts.next.clone()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<StageServer<StageService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| crate::error::WorkerError::invalid("reflection", e.to_string()))?;
+    let svc = StageServer::new(StageService { state, jobs: job_tx })
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    tracing::info!(listen = %opts.listen, worker = %opts.worker_id, "stage serving");
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_shutdown(opts.listen, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| crate::error::WorkerError::invalid("listen", format!("{}: {e}", opts.listen)))
+}
