@@ -1,3 +1,15 @@
-//! The IndexRelay coordinator. The public gRPC/HTTP APIs, scheduler, stage planner,
-//! membership and admin service arrive with issues 3 and 4; today the single-process engine
-//! lives in the `worker` crate (`worker generate`).
+//! The IndexRelay coordinator: public gRPC API, stage planning, continuous batching across
+//! the pipeline, and the local launcher that starts a cluster on loopback.
+//!
+//! It never touches tensors: activations flow worker to worker; the coordinator only sends
+//! token ids to stage 0 and receives sampled tokens from the last stage.
+
+pub mod app;
+pub mod cluster;
+pub mod error;
+pub mod grpc_api;
+pub mod launcher;
+pub mod planner;
+pub mod scheduler;
+
+pub use error::CoordinatorError;

@@ -16,6 +16,7 @@ pub mod pattern;
 pub mod relay;
 pub mod rope;
 pub mod sampling;
+pub mod serve_cli;
 pub mod stage;
 pub mod tokenizer;
 

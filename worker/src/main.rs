@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use worker::embedded::{ensure_default_model, write_synthetic_model, SyntheticSpec};
 use worker::tokenizer::{missing_tokenizer, TextTokenizer};
-use worker::{Architecture, Engine, EngineOptions, GenerationRequest, Model, SamplingParams};
+use worker::serve_cli::Arch;
+use worker::{Engine, EngineOptions, GenerationRequest, Model, SamplingParams};
 
 #[derive(Parser)]
 #[command(name = "worker", version, about = "IndexRelay worker: DSA + IndexCache inference")]
@@ -21,29 +22,12 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Arch {
-    #[value(name = "deepseek_v32")]
-    DeepseekV32,
-    #[value(name = "glm_moe_dsa")]
-    GlmMoeDsa,
-}
-
-impl From<Arch> for Architecture {
-    fn from(a: Arch) -> Self {
-        match a {
-            Arch::DeepseekV32 => Architecture::DeepseekV32,
-            Arch::GlmMoeDsa => Architecture::GlmMoeDsa,
-        }
-    }
-}
-
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate from one prompt with the single-process engine.
     Generate(GenerateArgs),
     /// Serve a layer range as a pipeline stage (gRPC `Stage` service).
-    Serve(ServeArgs),
+    Serve(worker::serve_cli::ServeArgs),
     /// Write the embedded default model (config.json, safetensors, tokenizer.json) to a folder.
     InitModel {
         /// Destination folder.
@@ -107,70 +91,6 @@ struct GenerateArgs {
     prefill_chunk: usize,
 }
 
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Checkpoint folder; default: the embedded default model.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Architecture of the embedded default model (when --model is not given).
-    #[arg(long, value_enum, default_value = "deepseek_v32")]
-    arch: Arch,
-    /// First layer of this stage.
-    #[arg(long)]
-    layer_start: usize,
-    /// One past the last layer of this stage.
-    #[arg(long)]
-    layer_end: usize,
-    /// Listen address, e.g. 127.0.0.1:7001.
-    #[arg(long)]
-    listen: std::net::SocketAddr,
-    /// Address of the next stage (omit on the last stage).
-    #[arg(long)]
-    next: Option<String>,
-    /// IndexCache pattern override, one F/S per layer.
-    #[arg(long)]
-    index_pattern: Option<String>,
-    /// Worker id reported to the coordinator.
-    #[arg(long, default_value = "worker")]
-    worker_id: String,
-    /// Served model name.
-    #[arg(long, default_value = "indexrelay-default")]
-    model_name: String,
-    /// Positions per KV block.
-    #[arg(long, default_value_t = 64)]
-    block_size: usize,
-    /// KV blocks in the pool.
-    #[arg(long, default_value_t = 4096)]
-    kv_blocks: usize,
-}
-
-fn serve(a: ServeArgs) -> Result<()> {
-    if a.block_size == 0 || a.kv_blocks == 0 {
-        bail!("--block-size and --kv-blocks must be at least 1");
-    }
-    let dir = match a.model {
-        Some(d) => d,
-        None => ensure_default_model(a.arch.into())?,
-    };
-    let cfg = worker::ModelConfig::from_dir(&dir)?;
-    let range = worker::LayerRange::new(a.layer_start, a.layer_end);
-    let model = Model::load_range(&dir, cfg, a.index_pattern.as_deref(), range)?;
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(worker::stage::serve(
-        model,
-        worker::stage::ServeOptions {
-            worker_id: a.worker_id,
-            model_name: a.model_name,
-            listen: a.listen,
-            next: a.next,
-            block_size: a.block_size,
-            kv_blocks: a.kv_blocks,
-            logits_chunk: 64,
-        },
-    ))?;
-    Ok(())
-}
-
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -191,7 +111,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(args) => generate(args),
-        Cmd::Serve(args) => serve(args),
+        Cmd::Serve(args) => worker::serve_cli::run(args),
     }
 }
 

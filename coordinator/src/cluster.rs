@@ -1,0 +1,68 @@
+//! The coordinator's view of the pipeline: one lazily connected client per stage.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use proto::v1::stage_client::StageClient;
+use proto::v1::{self as pb};
+use tonic::transport::{Channel, Endpoint};
+
+/// One stage of the pipeline.
+#[derive(Clone, Debug)]
+pub struct StageEndpoint {
+    /// gRPC address (`host:port`).
+    pub addr: String,
+    /// Layers it serves.
+    pub layers: Range<usize>,
+}
+
+/// Clients for every stage, in pipeline order.
+pub struct Cluster {
+    /// The stages.
+    pub stages: Vec<StageEndpoint>,
+    clients: Vec<StageClient<Channel>>,
+}
+
+fn client(addr: &str) -> Result<StageClient<Channel>, String> {
+    let uri = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
+    let ch = Endpoint::from_shared(uri)
+        .map_err(|e| format!("bad stage address {addr}: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    Ok(StageClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
+}
+
+impl Cluster {
+    /// Clients for `stages` (no connection is made until first use).
+    pub fn new(stages: Vec<StageEndpoint>) -> Result<Self, String> {
+        let clients = stages.iter().map(|s| client(&s.addr)).collect::<Result<_, _>>()?;
+        Ok(Cluster { stages, clients })
+    }
+
+    /// Sends a micro-batch to stage 0.
+    pub async fn forward_first(&self, req: pb::ForwardRequest) -> Result<(), String> {
+        let mut c = self.clients[0].clone();
+        c.forward(req).await.map(|_| ()).map_err(|e| e.message().to_string())
+    }
+
+    /// Frees sequences on every stage; unreachable stages are skipped (they lost the cache).
+    pub async fn release_everywhere(&self, seqs: Vec<u64>) {
+        for (i, c) in self.clients.iter().enumerate() {
+            let mut c = c.clone();
+            let req = pb::ReleaseRequest { seqs: seqs.clone() };
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(2), c.release(req)).await {
+                tracing::debug!(stage = i, error = %e, "release timed out");
+            }
+        }
+    }
+
+    /// Stage `i`'s info, failing after `timeout`.
+    pub async fn info(&self, i: usize, timeout: Duration) -> Result<pb::StageInfo, String> {
+        let mut c = self.clients[i].clone();
+        match tokio::time::timeout(timeout, c.info(pb::InfoRequest {})).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(e)) => Err(e.message().to_string()),
+            Err(_) => Err(format!("stage {i} did not answer within {timeout:?}")),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The local launcher: plans the stages, starts one `worker serve` process per stage on
+//! loopback, waits until each answers with the expected layer range, and serves.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use proto::v1::collector_server::CollectorServer;
+use proto::v1::generation_server::GenerationServer;
+use tokio::process::{Child, Command};
+use tonic::transport::Server;
+
+use crate::app::App;
+use crate::cluster::{Cluster, StageEndpoint};
+use crate::grpc_api::{CollectorApi, GenerationApi};
+use crate::planner::{self, CostModel};
+use crate::scheduler::{self, SchedulerOptions};
+
+/// What the launcher starts.
+#[derive(Clone, Debug)]
+pub struct LaunchOptions {
+    /// Model folder.
+    pub model_dir: PathBuf,
+    /// Served model name.
+    pub model_name: String,
+    /// Number of stages.
+    pub stages: usize,
+    /// Pinned interior boundaries.
+    pub split: Option<Vec<usize>>,
+    /// IndexCache pattern override.
+    pub index_pattern: Option<String>,
+    /// Public gRPC port (0 = any free port).
+    pub grpc_port: u16,
+    /// KV blocks per worker.
+    pub kv_blocks: usize,
+    /// Positions per block.
+    pub block_size: usize,
+    /// Most prompt tokens per micro-batch.
+    pub prefill_chunk: usize,
+    /// Program and leading arguments that start a stage server (`worker serve`).
+    pub stage_command: (PathBuf, Vec<String>),
+}
+
+/// How stages are started: `$INDEXRELAY_WORKER_BIN serve` when set, else this executable's
+/// own `stage` subcommand (the same server as `worker serve`, so one binary suffices).
+pub fn default_stage_command() -> (PathBuf, Vec<String>) {
+    if let Ok(p) = std::env::var("INDEXRELAY_WORKER_BIN") {
+        return (PathBuf::from(p), vec!["serve".into()]);
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coordinator"));
+    (exe, vec!["stage".into()])
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn_worker(o: &LaunchOptions, i: usize, layers: &std::ops::Range<usize>, port: u16, next: Option<u16>) -> Result<Child> {
+    let (program, lead) = &o.stage_command;
+    let mut cmd = Command::new(program);
+    cmd.args(lead)
+        .arg("--model")
+        .arg(&o.model_dir)
+        .args(["--layer-start", &layers.start.to_string(), "--layer-end", &layers.end.to_string()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--worker-id", &format!("stage-{i}")])
+        .args(["--model-name", &o.model_name])
+        .args(["--kv-blocks", &o.kv_blocks.to_string(), "--block-size", &o.block_size.to_string()])
+        .kill_on_drop(true);
+    if let Some(n) = next {
+        cmd.args(["--next", &format!("127.0.0.1:{n}")]);
+    }
+    if let Some(p) = &o.index_pattern {
+        cmd.args(["--index-pattern", p]);
+    }
+    cmd.spawn().with_context(|| format!("starting {}", program.display()))
+}
+
+/// Plans stages for the model in `dir`.
+pub fn plan(dir: &Path, stages: usize, split: Option<&[usize]>, pattern: Option<&str>) -> Result<(planner::Plan, String)> {
+    let cfg = worker::ModelConfig::from_dir(dir)?;
+    let (pattern, _) = worker::IndexPattern::resolve(&cfg, pattern)?;
+    let plan = match split {
+        Some(s) => {
+            if s.len() + 1 != stages {
+                bail!("--split gives {} boundaries, so it needs --stages {} (got {stages})", s.len(), s.len() + 1);
+            }
+            planner::pinned(s, pattern.len())?
+        }
+        None => {
+            let full: Vec<bool> = (0..pattern.len()).map(|i| pattern.is_full(i)).collect();
+            planner::balance(&full, stages, CostModel::default())?
+        }
+    };
+    Ok((plan, pattern.to_string()))
+}
+
+/// Starts the workers and serves until Ctrl-C; reports the bound gRPC address and the
+/// workers' process ids through `on_ready` once the cluster answers.
+pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(SocketAddr, &[u32])) -> Result<()> {
+    let (plan, pattern) = plan(&o.model_dir, o.stages, o.split.as_deref(), o.index_pattern.as_deref())?;
+    let ports: Vec<u16> = (0..plan.len()).map(|_| free_port()).collect::<Result<_>>()?;
+    let mut children = Vec::new();
+    for (i, layers) in plan.iter().enumerate() {
+        children.push(spawn_worker(&o, i, layers, ports[i], ports.get(i + 1).copied())?);
+    }
+    let endpoints: Vec<StageEndpoint> = plan
+        .iter()
+        .zip(&ports)
+        .map(|(l, p)| StageEndpoint {
+            addr: format!("127.0.0.1:{p}"),
+            layers: l.clone(),
+        })
+        .collect();
+    let cluster = Arc::new(Cluster::new(endpoints).map_err(anyhow::Error::msg)?);
+    // Wait for every stage to load and answer with the planned layer range.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut kv_blocks = usize::MAX;
+    let mut block_size = o.block_size;
+    for (i, st) in cluster.stages.iter().enumerate() {
+        loop {
+            if let Ok(Some(status)) = children[i].try_wait() {
+                bail!("worker for stage {i} exited during start-up ({status})");
+            }
+            match cluster.info(i, Duration::from_secs(1)).await {
+                Ok(info) => {
+                    if info.layer_start as usize != st.layers.start || info.layer_end as usize != st.layers.end {
+                        bail!("stage {i} serves layers {}..{}, expected {:?}", info.layer_start, info.layer_end, st.layers);
+                    }
+                    kv_blocks = kv_blocks.min(info.kv_blocks_total as usize);
+                    block_size = info.block_size as usize;
+                    break;
+                }
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => bail!("stage {i} did not come up: {e}"),
+            }
+        }
+    }
+    let grpc_addr: SocketAddr = format!("127.0.0.1:{}", if o.grpc_port == 0 { free_port()? } else { o.grpc_port }).parse()?;
+    let sched = scheduler::start(
+        cluster.clone(),
+        SchedulerOptions {
+            prefill_chunk: o.prefill_chunk,
+            max_inflight: cluster.stages.len() + 1,
+            eos: worker::ModelConfig::from_dir(&o.model_dir)?.eos_token_ids,
+            report_to: grpc_addr.to_string(),
+            kv_blocks,
+            block_size,
+        },
+    );
+    let app = Arc::new(App::new(&o.model_dir, o.model_name.clone(), pattern.clone(), sched.clone())?);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<GenerationServer<GenerationApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let listener = tokio::net::TcpListener::bind(grpc_addr).await?;
+    tracing::info!(%grpc_addr, stages = plan.len(), %pattern, "cluster ready");
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
+    on_ready(grpc_addr, &pids);
+    let health_sched = sched.clone();
+    tokio::spawn(async move {
+        let mut last = true;
+        loop {
+            let now = health_sched.healthy();
+            if now != last {
+                if now {
+                    health_reporter.set_serving::<GenerationServer<GenerationApi>>().await;
+                } else {
+                    health_reporter.set_not_serving::<GenerationServer<GenerationApi>>().await;
+                }
+                last = now;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(GenerationServer::new(GenerationApi { app }))
+        .add_service(CollectorServer::new(CollectorApi { scheduler: sched }).max_decoding_message_size(usize::MAX))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    drop(children);
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! `coordinator`: starts a local IndexRelay cluster (K stage workers on loopback) and serves
+//! the public API.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+
+use coordinator::launcher::{default_stage_command, run, LaunchOptions};
+
+#[derive(Parser)]
+#[command(name = "coordinator", version, about = "IndexRelay coordinator and local cluster launcher")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Sub>,
+    /// Checkpoint folder; default: the embedded default model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Served model name (default: the folder name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Number of pipeline stages (worker processes).
+    #[arg(long, default_value_t = 2)]
+    stages: usize,
+    /// Pin stage boundaries: `--split 3,5` gives [0,3), [3,5), [5,N).
+    #[arg(long, value_delimiter = ',')]
+    split: Option<Vec<usize>>,
+    /// IndexCache pattern override, one F/S per layer.
+    #[arg(long)]
+    index_pattern: Option<String>,
+    /// Public gRPC port (0 = any free port).
+    #[arg(long, default_value_t = 50051)]
+    grpc_port: u16,
+    /// KV blocks per worker.
+    #[arg(long, default_value_t = 4096)]
+    kv_blocks: usize,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// Most prompt tokens per micro-batch.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// Serve one stage (what the launcher starts; same as `worker serve`).
+    #[command(hide = true)]
+    Stage(worker::serve_cli::ServeArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = main_inner() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn main_inner() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Sub::Stage(args)) = cli.cmd {
+        return worker::serve_cli::run(args);
+    }
+    if cli.stages == 0 {
+        anyhow::bail!("--stages must be at least 1");
+    }
+    let model_dir = match cli.model {
+        Some(d) => d,
+        None => worker::embedded::ensure_default_model(worker::Architecture::DeepseekV32)?,
+    };
+    let model_name = cli.served_model_name.unwrap_or_else(|| {
+        model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "indexrelay".into())
+    });
+    let opts = LaunchOptions {
+        model_dir,
+        model_name,
+        stages: cli.stages,
+        split: cli.split,
+        index_pattern: cli.index_pattern,
+        grpc_port: cli.grpc_port,
+        kv_blocks: cli.kv_blocks,
+        block_size: cli.block_size,
+        prefill_chunk: cli.prefill_chunk,
+        stage_command: default_stage_command(),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run(opts, |addr, pids| {
+        // One machine-readable line so scripts and tests know where to connect.
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        println!("READY grpc={addr} worker_pids={}", pids.join(","));
+    }))
+}
