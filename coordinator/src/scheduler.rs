@@ -355,6 +355,8 @@ impl State {
                 input: Some(Input::Tokens(pb::TokenIds { ids: tokens })),
                 report_to: self.opts.report_to.clone(),
                 pattern_epoch: 0,
+                relay_bytes: 0,
+                relay_raw_bytes: 0,
             },
             segs,
         ))

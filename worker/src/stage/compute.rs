@@ -13,14 +13,21 @@ use crate::sampling::{sample, Rng, SamplingParams};
 pub fn process(state: &StageState, req: pb::ForwardRequest) -> Outbound {
     let report_to = req.report_to.clone();
     let batch_id = req.batch_id;
-    match run(state, req) {
+    let started = unix_nanos();
+    let result = run(state, req);
+    state.record_span(pb::BatchSpan {
+        batch_id,
+        start_unix_nanos: started,
+        end_unix_nanos: unix_nanos(),
+    });
+    match result {
         Ok(out) => out,
         Err(e) => Outbound::Report(
             report_to,
             pb::TokenReport {
                 batch_id,
-                results: Vec::new(),
                 error: format!("stage {}: {e}", state.worker_id),
+                ..Default::default()
             },
         ),
     }
@@ -57,8 +64,11 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
     };
     if !model.is_last() {
         for (s, r) in req.segments.iter_mut().zip(&out.relay) {
-            s.relay = r.as_ref().map(|rows| pb::Relay {
-                packed: relay::encode(rows, s.start as usize),
+            s.relay = r.as_ref().map(|rows| {
+                let packed = relay::encode(rows, s.start as usize);
+                req.relay_bytes += packed.len() as u64;
+                req.relay_raw_bytes += relay::raw_bytes(rows) as u64;
+                pb::Relay { packed }
             });
         }
         req.input = Some(Input::Hidden(proto::f32s_to_bytes(&out.hidden)));
@@ -71,6 +81,8 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
             batch_id: req.batch_id,
             results,
             error: String::new(),
+            relay_bytes: req.relay_bytes,
+            relay_raw_bytes: req.relay_raw_bytes,
         },
     ))
 }
@@ -121,4 +133,10 @@ fn sample_and_score(state: &StageState, segments: &[pb::Segment], hidden: &[f32]
         }
     })?;
     Ok(results)
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }

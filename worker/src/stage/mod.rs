@@ -8,10 +8,10 @@
 mod compute;
 mod service;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use proto::v1::{ForwardRequest, TokenReport};
+use proto::v1::{self as pb, ForwardRequest, TokenReport};
 
 use crate::kv_cache::KvCache;
 use crate::model::Model;
@@ -44,9 +44,23 @@ pub struct StageState {
     pub next: Option<String>,
     /// Rows whose logits are materialized at once.
     pub logits_chunk: usize,
+    /// Recent micro-batch spans, newest last (bounded), for pipelining diagnostics.
+    pub spans: Mutex<VecDeque<pb::BatchSpan>>,
 }
 
+/// Spans kept per stage.
+const MAX_SPANS: usize = 256;
+
 impl StageState {
+    /// Remembers a computed micro-batch's span.
+    pub fn record_span(&self, span: pb::BatchSpan) {
+        let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        if spans.len() == MAX_SPANS {
+            spans.pop_front();
+        }
+        spans.push_back(span);
+    }
+
     /// Frees sequences' cache and sampling state (idempotent).
     pub fn release(&self, seqs: &[u64]) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());

@@ -73,6 +73,7 @@ impl Stage for StageService {
                 kv_blocks_free: cache.free_blocks() as u64,
                 block_size: cache.block_size() as u32,
                 model: state.model_name.clone(),
+                recent_batches: state.spans.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect(),
             }
         })
         .await
@@ -111,8 +112,8 @@ async fn sender(mut rx: mpsc::UnboundedReceiver<Outbound>, next: Option<String>)
                     next_client = None;
                     let report = pb::TokenReport {
                         batch_id,
-                        results: Vec::new(),
                         error: format!("next stage unavailable: {e}"),
+                        ..Default::default()
                     };
                     report_to_collector(&mut collectors, &report_to, report).await;
                 }
@@ -152,6 +153,7 @@ pub async fn serve(model: Model, opts: ServeOptions) -> Result<()> {
         rngs: Mutex::new(HashMap::new()),
         next: opts.next.clone(),
         logits_chunk: opts.logits_chunk,
+        spans: Mutex::new(std::collections::VecDeque::new()),
         model,
     });
     let (out_tx, out_rx) = mpsc::unbounded_channel();
