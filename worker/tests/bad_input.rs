@@ -165,3 +165,32 @@ fn full_cache_is_an_error_not_a_panic() {
     assert!(err.contains("KV cache full"), "{err}");
     assert_eq!(e.cache().used_blocks(), 0);
 }
+
+#[test]
+fn fused_expert_tensors_load_like_per_expert_ones() {
+    // HF keeps experts fused in memory (`experts.gate_up_proj` [E, 2I, H], `down_proj`
+    // [E, H, I]); a checkpoint saved that way must give the same model.
+    let cfg = worker::ModelConfig::from_dir(&fixture("glm_pattern")).unwrap();
+    let (e, i, d) = (cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size);
+    let dir = copy_fixture("glm_pattern", |t| {
+        for layer in 1..cfg.num_hidden_layers {
+            let p = format!("model.layers.{layer}.mlp.experts");
+            let mut gate_up = Vec::new();
+            let mut down = Vec::new();
+            for j in 0..e {
+                for part in ["gate_proj", "up_proj"] {
+                    gate_up.extend(t.remove(&format!("{p}.{j}.{part}.weight")).unwrap().bytes);
+                }
+                down.extend(t.remove(&format!("{p}.{j}.down_proj.weight")).unwrap().bytes);
+            }
+            let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+            t.insert(format!("{p}.gate_up_proj"), TensorData::f32(vec![e, 2 * i, d], &f32s(gate_up)));
+            t.insert(format!("{p}.down_proj"), TensorData::f32(vec![e, d, i], &f32s(down)));
+        }
+    });
+    let run = |dir: &Path| {
+        let mut eng = Engine::new(Model::load(dir, None).unwrap(), EngineOptions::default()).unwrap();
+        eng.generate(vec![request((1..30).collect(), 6)]).unwrap().remove(0).token_ids
+    };
+    assert_eq!(run(dir.path()), run(&fixture("glm_pattern")));
+}

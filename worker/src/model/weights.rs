@@ -177,6 +177,28 @@ impl SwiGlu {
         })
     }
 
+    /// Experts stored fused, as HF holds them in memory: `gate_up_proj` `[E, 2·inter, hidden]`
+    /// (gate rows first) and `down_proj` `[E, hidden, inter]`.
+    fn load_fused_experts(l: &Loader<'_>, p: &str, experts: usize, inter: usize) -> Result<Vec<Self>> {
+        let d = l.cfg.hidden_size;
+        let gate_up = l.tensor(&format!("{p}.gate_up_proj"), &[experts, 2 * inter, d])?;
+        let down = l.tensor(&format!("{p}.down_proj"), &[experts, d, inter])?;
+        Ok((0..experts)
+            .map(|j| SwiGlu {
+                gate_up: Linear {
+                    w: gate_up[j * 2 * inter * d..(j + 1) * 2 * inter * d].to_vec(),
+                    out: 2 * inter,
+                    inp: d,
+                },
+                down: Linear {
+                    w: down[j * d * inter..(j + 1) * d * inter].to_vec(),
+                    out: d,
+                    inp: inter,
+                },
+            })
+            .collect())
+    }
+
     /// `down(silu(gate(x)) · up(x))` for `rows` rows.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let inter = self.down.inp;
@@ -233,9 +255,14 @@ impl LayerWeights {
         let p = format!("model.layers.{i}");
         let mlp = if c.moe_layers[i] {
             let e = c.n_routed_experts;
-            let experts = (0..e)
-                .map(|j| SwiGlu::load(l, &format!("{p}.mlp.experts.{j}"), c.moe_intermediate_size))
-                .collect::<Result<Vec<_>>>()?;
+            let fused = format!("{p}.mlp.experts.gate_up_proj");
+            let experts = if !l.ckpt.has(&format!("{p}.mlp.experts.0.gate_proj.weight")) && l.ckpt.has(&fused) {
+                SwiGlu::load_fused_experts(l, &format!("{p}.mlp.experts"), e, c.moe_intermediate_size)?
+            } else {
+                (0..e)
+                    .map(|j| SwiGlu::load(l, &format!("{p}.mlp.experts.{j}"), c.moe_intermediate_size))
+                    .collect::<Result<Vec<_>>>()?
+            };
             let shared = if c.n_shared_experts > 0 {
                 Some(SwiGlu::load(
                     l,
