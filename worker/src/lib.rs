@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;
+pub mod membership;
 pub mod model;
 pub mod pattern;
 pub mod relay;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::embedded::ensure_default_model;
+use crate::membership::{keep_registered, wait_for_assignment, WorkerRecord};
 use crate::{Architecture, Model};
 
 /// Architecture of the embedded default model.
@@ -37,12 +38,12 @@ pub struct ServeArgs {
     /// Architecture of the embedded default model (when --model is not given).
     #[arg(long, value_enum, default_value = "deepseek_v32")]
     pub arch: Arch,
-    /// First layer of this stage.
-    #[arg(long)]
-    pub layer_start: usize,
+    /// First layer of this stage (with --etcd and no range, the coordinator assigns one).
+    #[arg(long, requires = "layer_end")]
+    pub layer_start: Option<usize>,
     /// One past the last layer of this stage.
-    #[arg(long)]
-    pub layer_end: usize,
+    #[arg(long, requires = "layer_start")]
+    pub layer_end: Option<usize>,
     /// Listen address, e.g. 127.0.0.1:7001.
     #[arg(long)]
     pub listen: std::net::SocketAddr,
@@ -64,6 +65,18 @@ pub struct ServeArgs {
     /// KV blocks in the pool.
     #[arg(long, default_value_t = 4096)]
     pub kv_blocks: usize,
+    /// etcd endpoints (comma-separated): register here and take a stage assignment.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, default_value = "/indexrelay/default")]
+    pub etcd_prefix: String,
+    /// Lease TTL in seconds (the keep-alive runs at half of it).
+    #[arg(long, default_value_t = 6)]
+    pub lease_ttl: i64,
+    /// Address other processes reach this worker on (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
 }
 
 /// Loads the layer range and serves it until stopped.
@@ -75,22 +88,48 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Some(d) => d,
         None => ensure_default_model(a.arch.into())?,
     };
-    let cfg = crate::ModelConfig::from_dir(&dir)?;
-    let range = crate::LayerRange::new(a.layer_start, a.layer_end);
-    let model = Model::load_range(&dir, cfg, a.index_pattern.as_deref(), range)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(crate::stage::serve(
-        model,
-        crate::stage::ServeOptions {
-            worker_id: a.worker_id,
-            model_name: a.model_name,
-            listen: a.listen,
-            next: a.next,
-            block_size: a.block_size,
-            kv_blocks: a.kv_blocks,
-            logits_chunk: 64,
-        },
-    ))?;
-    Ok(())
+    rt.block_on(async move {
+        let mut next = a.next.clone();
+        if let Some(endpoints) = &a.etcd {
+            let record = WorkerRecord {
+                worker_id: a.worker_id.clone(),
+                addr: a.advertise.clone().unwrap_or_else(|| a.listen.to_string()),
+                model: a.model_name.clone(),
+            };
+            // Registration runs on its own task for the life of the process.
+            tokio::spawn(keep_registered(endpoints.clone(), a.etcd_prefix.clone(), record, a.lease_ttl));
+        }
+        let assigned = match (a.layer_start.zip(a.layer_end), &a.etcd) {
+            (Some(range), _) => range,
+            (None, Some(endpoints)) => {
+                let asg = wait_for_assignment(endpoints, &a.etcd_prefix, &a.worker_id).await?;
+                tracing::info!(stage = asg.stage, start = asg.layer_start, end = asg.layer_end, "stage assigned");
+                next = asg.next.clone();
+                (asg.layer_start, asg.layer_end)
+            }
+            (None, None) => bail!("give --layer-start and --layer-end, or --etcd to take an assignment"),
+        };
+        let range = crate::LayerRange::new(assigned.0, assigned.1);
+        let pattern = a.index_pattern.clone();
+        let model = tokio::task::spawn_blocking(move || {
+            let cfg = crate::ModelConfig::from_dir(&dir)?;
+            Model::load_range(&dir, cfg, pattern.as_deref(), range)
+        })
+        .await??;
+        crate::stage::serve(
+            model,
+            crate::stage::ServeOptions {
+                worker_id: a.worker_id,
+                model_name: a.model_name,
+                listen: a.listen,
+                next,
+                block_size: a.block_size,
+                kv_blocks: a.kv_blocks,
+                logits_chunk: 64,
+            },
+        )
+        .await?;
+        Ok(())
+    })
 }
-
