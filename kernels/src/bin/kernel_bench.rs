@@ -91,7 +91,7 @@ fn bench_indexer(n_keys: usize) {
         topk,
     };
     let mut out = Vec::new();
-    let t = best(3, || indexer_topk(black_box(&inp), &mut out));
+    let t = best(5, || indexer_topk(black_box(&inp), &mut out));
     let flops: f64 = positions
         .iter()
         .map(|&p| 2.0 * (heads * dim * (p + 1)) as f64)
@@ -174,12 +174,19 @@ fn main() {
     // An optional argument runs only the benchmarks whose group name contains it.
     let filter = std::env::args().nth(1).unwrap_or_default();
     let on = |group: &str| group.contains(filter.as_str());
-    println!("rayon threads: {}", rayon::current_num_threads());
+    println!(
+        "kernel-bench: {} rayon threads; best of several runs; attention is h16 r512 p64",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<46} {:>13} {:>17}  extra",
+        "kernel / shape", "time", "throughput"
+    );
     if on("matmul") {
-        bench_matmul(1024, 1024, 1024, 5);
+        bench_matmul(1024, 1024, 1024, 10);
         bench_matmul(4096, 2048, 2048, 3);
         for m in [1, 2, 4, 8, 16, 32] {
-            bench_matmul(m, 4096, 4096, 10);
+            bench_matmul(m, 4096, 4096, 20);
         }
     }
     if on("gemv") {
