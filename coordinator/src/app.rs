@@ -53,7 +53,12 @@ pub struct App {
 
 impl App {
     /// Reads limits and tokenizer from the model folder.
-    pub fn new(model_dir: &Path, model_name: String, pattern: String, scheduler: SchedulerHandle) -> anyhow::Result<Self> {
+    pub fn new(
+        model_dir: &Path,
+        model_name: String,
+        pattern: String,
+        scheduler: SchedulerHandle,
+    ) -> anyhow::Result<Self> {
         let cfg = worker::ModelConfig::from_dir(model_dir)?;
         Ok(App {
             model_name,
@@ -71,7 +76,12 @@ impl App {
             return Err(CoordinatorError::ModelNotFound(r.model));
         }
         let prompt = match (r.text, r.token_ids) {
-            (Some(_), Some(_)) => return Err(CoordinatorError::invalid("prompt", "give either text or token ids, not both")),
+            (Some(_), Some(_)) => {
+                return Err(CoordinatorError::invalid(
+                    "prompt",
+                    "give either text or token ids, not both",
+                ))
+            }
             (Some(text), None) => {
                 let tok = self.tokenizer.clone().ok_or_else(|| {
                     CoordinatorError::invalid("prompt", "this model has no tokenizer; send token ids")
@@ -90,7 +100,10 @@ impl App {
         if let Some((i, t)) = prompt.iter().enumerate().find(|(_, t)| **t as usize >= self.vocab_size) {
             return Err(CoordinatorError::invalid(
                 "prompt",
-                format!("token id {t} at index {i} is outside the vocabulary (vocab_size = {})", self.vocab_size),
+                format!(
+                    "token id {t} at index {i} is outside the vocabulary (vocab_size = {})",
+                    self.vocab_size
+                ),
             ));
         }
         if r.max_new_tokens == 0 && !r.prompt_logprobs {
@@ -109,17 +122,28 @@ impl App {
             ));
         }
         if !r.temperature.is_finite() || r.temperature < 0.0 {
-            return Err(CoordinatorError::invalid("temperature", format!("must be ≥ 0, got {}", r.temperature)));
+            return Err(CoordinatorError::invalid(
+                "temperature",
+                format!("must be ≥ 0, got {}", r.temperature),
+            ));
         }
         if !(r.top_p > 0.0 && r.top_p <= 1.0) {
-            return Err(CoordinatorError::invalid("top_p", format!("must be in (0, 1], got {}", r.top_p)));
+            return Err(CoordinatorError::invalid(
+                "top_p",
+                format!("must be in (0, 1], got {}", r.top_p),
+            ));
         }
         if r.top_k < -1 || r.top_k > u32::MAX as i64 {
-            return Err(CoordinatorError::invalid("top_k", format!("must be -1, 0 (off) or a positive count, got {}", r.top_k)));
+            return Err(CoordinatorError::invalid(
+                "top_k",
+                format!("must be -1, 0 (off) or a positive count, got {}", r.top_k),
+            ));
         }
         let seed = r.seed.unwrap_or_else(|| {
             use std::time::{SystemTime, UNIX_EPOCH};
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
         });
         Ok(SubmitRequest {
             prompt,

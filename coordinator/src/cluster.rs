@@ -24,12 +24,18 @@ pub struct Cluster {
 }
 
 fn client(addr: &str) -> Result<StageClient<Channel>, String> {
-    let uri = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
+    let uri = if addr.starts_with("http") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
     let ch = Endpoint::from_shared(uri)
         .map_err(|e| format!("bad stage address {addr}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .connect_lazy();
-    Ok(StageClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
+    Ok(StageClient::new(ch)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
 }
 
 impl Cluster {

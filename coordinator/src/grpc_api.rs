@@ -10,6 +10,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::app::{App, Detokenizer, RawRequest};
+use crate::metrics::RequestTracker;
 use crate::scheduler::{Event, FinishReason, SchedulerHandle};
 
 /// `Generation` over the shared [`App`].
@@ -52,11 +53,13 @@ impl Generation for GenerationApi {
         } else {
             req.request_id.clone()
         };
-        let submit = self.app.prepare(raw(req)).await.map_err(|e| e.to_status())?;
-        let prompt = submit.prompt.clone();
-        let rx = self.app.scheduler.submit(submit).map_err(|e| e.to_status())?;
+        // The tracker records the request metrics; dropping the stream (client gone) drops
+        // the scheduler receiver, which cancels the sequence.
+        let (prompt, events) = RequestTracker::submit(&self.app, raw(req))
+            .await
+            .map_err(|e| e.to_status())?;
         let mut detok = Detokenizer::new(self.app.tokenizer.clone());
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |ev| {
+        let stream = events.map(move |ev| {
             let mut msg = pb::GenerateResponse {
                 request_id: request_id.clone(),
                 ..Default::default()
@@ -66,7 +69,10 @@ impl Generation for GenerationApi {
                     msg.prompt_logprobs = prompt
                         .iter()
                         .zip(lps)
-                        .map(|(t, lp)| pb::PromptLogprob { token_id: *t, logprob: lp })
+                        .map(|(t, lp)| pb::PromptLogprob {
+                            token_id: *t,
+                            logprob: lp,
+                        })
                         .collect();
                 }
                 Event::Token { id, logprob } => {
@@ -95,7 +101,10 @@ impl Generation for GenerationApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn list_models(&self, _req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _req: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![pb::ModelInfo {
                 id: self.app.model_name.clone(),

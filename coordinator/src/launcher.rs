@@ -15,8 +15,27 @@ use tonic::transport::Server;
 use crate::app::App;
 use crate::cluster::{Cluster, StageEndpoint};
 use crate::grpc_api::{CollectorApi, GenerationApi};
+use crate::http_api;
+use crate::membership;
 use crate::planner::{self, CostModel};
 use crate::scheduler::{self, SchedulerOptions};
+
+/// Resolves on Ctrl-C or SIGTERM (Kubernetes stops pods with SIGTERM), so the servers
+/// drain and the worker processes are stopped with the coordinator.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
 
 /// What the launcher starts.
 #[derive(Clone, Debug)]
@@ -33,12 +52,19 @@ pub struct LaunchOptions {
     pub index_pattern: Option<String>,
     /// Public gRPC port (0 = any free port).
     pub grpc_port: u16,
+    /// OpenAI-compatible HTTP port (0 = any free port).
+    pub http_port: u16,
     /// KV blocks per worker.
     pub kv_blocks: usize,
     /// Positions per block.
     pub block_size: usize,
     /// Most prompt tokens per micro-batch.
     pub prefill_chunk: usize,
+    /// etcd endpoints: when set, workers started separately join through etcd instead of
+    /// being spawned here.
+    pub etcd: Option<Vec<String>>,
+    /// Cluster key prefix in etcd.
+    pub etcd_prefix: String,
     /// Program and leading arguments that start a stage server (`worker serve`).
     pub stage_command: (PathBuf, Vec<String>),
 }
@@ -57,17 +83,33 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn spawn_worker(o: &LaunchOptions, i: usize, layers: &std::ops::Range<usize>, port: u16, next: Option<u16>) -> Result<Child> {
+fn spawn_worker(
+    o: &LaunchOptions,
+    i: usize,
+    layers: &std::ops::Range<usize>,
+    port: u16,
+    next: Option<u16>,
+) -> Result<Child> {
     let (program, lead) = &o.stage_command;
     let mut cmd = Command::new(program);
     cmd.args(lead)
         .arg("--model")
         .arg(&o.model_dir)
-        .args(["--layer-start", &layers.start.to_string(), "--layer-end", &layers.end.to_string()])
+        .args([
+            "--layer-start",
+            &layers.start.to_string(),
+            "--layer-end",
+            &layers.end.to_string(),
+        ])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--worker-id", &format!("stage-{i}")])
         .args(["--model-name", &o.model_name])
-        .args(["--kv-blocks", &o.kv_blocks.to_string(), "--block-size", &o.block_size.to_string()])
+        .args([
+            "--kv-blocks",
+            &o.kv_blocks.to_string(),
+            "--block-size",
+            &o.block_size.to_string(),
+        ])
         .kill_on_drop(true);
     if let Some(n) = next {
         cmd.args(["--next", &format!("127.0.0.1:{n}")]);
@@ -79,13 +121,22 @@ fn spawn_worker(o: &LaunchOptions, i: usize, layers: &std::ops::Range<usize>, po
 }
 
 /// Plans stages for the model in `dir`.
-pub fn plan(dir: &Path, stages: usize, split: Option<&[usize]>, pattern: Option<&str>) -> Result<(planner::Plan, String)> {
+pub fn plan(
+    dir: &Path,
+    stages: usize,
+    split: Option<&[usize]>,
+    pattern: Option<&str>,
+) -> Result<(planner::Plan, String)> {
     let cfg = worker::ModelConfig::from_dir(dir)?;
     let (pattern, _) = worker::IndexPattern::resolve(&cfg, pattern)?;
     let plan = match split {
         Some(s) => {
             if s.len() + 1 != stages {
-                bail!("--split gives {} boundaries, so it needs --stages {} (got {stages})", s.len(), s.len() + 1);
+                bail!(
+                    "--split gives {} boundaries, so it needs --stages {} (got {stages})",
+                    s.len(),
+                    s.len() + 1
+                );
             }
             planner::pinned(s, pattern.len())?
         }
@@ -97,23 +148,44 @@ pub fn plan(dir: &Path, stages: usize, split: Option<&[usize]>, pattern: Option<
     Ok((plan, pattern.to_string()))
 }
 
-/// Starts the workers and serves until Ctrl-C; reports the bound gRPC address and the
-/// workers' process ids through `on_ready` once the cluster answers.
-pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(SocketAddr, &[u32])) -> Result<()> {
+/// Where a started cluster serves.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    /// Public gRPC address.
+    pub grpc: SocketAddr,
+    /// OpenAI-compatible HTTP address.
+    pub http: SocketAddr,
+    /// Worker process ids, in stage order.
+    pub worker_pids: Vec<u32>,
+}
+
+/// Starts the workers and serves gRPC and HTTP until Ctrl-C; reports the bound addresses
+/// and the workers' process ids through `on_ready` once the cluster answers.
+pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> {
     let (plan, pattern) = plan(&o.model_dir, o.stages, o.split.as_deref(), o.index_pattern.as_deref())?;
-    let ports: Vec<u16> = (0..plan.len()).map(|_| free_port()).collect::<Result<_>>()?;
+    // Bound before any worker starts, so a taken port fails at once rather than after loading.
+    let http_listener = tokio::net::TcpListener::bind(("127.0.0.1", o.http_port))
+        .await
+        .with_context(|| format!("binding the HTTP port {} (--http-port 0 picks a free one)", o.http_port))?;
+    let http_addr = http_listener.local_addr()?;
     let mut children = Vec::new();
-    for (i, layers) in plan.iter().enumerate() {
-        children.push(spawn_worker(&o, i, layers, ports[i], ports.get(i + 1).copied())?);
-    }
-    let endpoints: Vec<StageEndpoint> = plan
-        .iter()
-        .zip(&ports)
-        .map(|(l, p)| StageEndpoint {
-            addr: format!("127.0.0.1:{p}"),
-            layers: l.clone(),
-        })
-        .collect();
+    let endpoints: Vec<StageEndpoint> = match &o.etcd {
+        // Workers started separately register in etcd; the coordinator assigns their stages.
+        Some(etcd) => membership::assign_from_etcd(etcd, &o.etcd_prefix, &plan, Duration::from_secs(300)).await?,
+        None => {
+            let ports: Vec<u16> = (0..plan.len()).map(|_| free_port()).collect::<Result<_>>()?;
+            for (i, layers) in plan.iter().enumerate() {
+                children.push(spawn_worker(&o, i, layers, ports[i], ports.get(i + 1).copied())?);
+            }
+            plan.iter()
+                .zip(&ports)
+                .map(|(l, p)| StageEndpoint {
+                    addr: format!("127.0.0.1:{p}"),
+                    layers: l.clone(),
+                })
+                .collect()
+        }
+    };
     let cluster = Arc::new(Cluster::new(endpoints).map_err(anyhow::Error::msg)?);
     // Wait for every stage to load and answer with the planned layer range.
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -121,13 +193,18 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(SocketAddr, &[u32])) ->
     let mut block_size = o.block_size;
     for (i, st) in cluster.stages.iter().enumerate() {
         loop {
-            if let Ok(Some(status)) = children[i].try_wait() {
+            if let Some(Ok(Some(status))) = children.get_mut(i).map(|c| c.try_wait()) {
                 bail!("worker for stage {i} exited during start-up ({status})");
             }
             match cluster.info(i, Duration::from_secs(1)).await {
                 Ok(info) => {
                     if info.layer_start as usize != st.layers.start || info.layer_end as usize != st.layers.end {
-                        bail!("stage {i} serves layers {}..{}, expected {:?}", info.layer_start, info.layer_end, st.layers);
+                        bail!(
+                            "stage {i} serves layers {}..{}, expected {:?}",
+                            info.layer_start,
+                            info.layer_end,
+                            st.layers
+                        );
                     }
                     kv_blocks = kv_blocks.min(info.kv_blocks_total as usize);
                     block_size = info.block_size as usize;
@@ -138,7 +215,11 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(SocketAddr, &[u32])) ->
             }
         }
     }
-    let grpc_addr: SocketAddr = format!("127.0.0.1:{}", if o.grpc_port == 0 { free_port()? } else { o.grpc_port }).parse()?;
+    let grpc_addr: SocketAddr = format!(
+        "127.0.0.1:{}",
+        if o.grpc_port == 0 { free_port()? } else { o.grpc_port }
+    )
+    .parse()?;
     let sched = scheduler::start(
         cluster.clone(),
         SchedulerOptions {
@@ -150,7 +231,13 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(SocketAddr, &[u32])) ->
             block_size,
         },
     );
-    let app = Arc::new(App::new(&o.model_dir, o.model_name.clone(), pattern.clone(), sched.clone())?);
+    let app = Arc::new(App::new(
+        &o.model_dir,
+        o.model_name.clone(),
+        pattern.clone(),
+        sched.clone(),
+    )?);
+    let http_router = http_api::router(app.clone(), &o.model_dir);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<GenerationServer<GenerationApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -158,9 +245,12 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(SocketAddr, &[u32])) ->
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let listener = tokio::net::TcpListener::bind(grpc_addr).await?;
-    tracing::info!(%grpc_addr, stages = plan.len(), %pattern, "cluster ready");
-    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
-    on_ready(grpc_addr, &pids);
+    tracing::info!(%grpc_addr, %http_addr, stages = plan.len(), %pattern, "cluster ready");
+    on_ready(&Ready {
+        grpc: grpc_addr,
+        http: http_addr,
+        worker_pids: children.iter().filter_map(|c| c.id()).collect(),
+    });
     let health_sched = sched.clone();
     tokio::spawn(async move {
         let mut last = true;
@@ -170,22 +260,29 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(SocketAddr, &[u32])) ->
                 if now {
                     health_reporter.set_serving::<GenerationServer<GenerationApi>>().await;
                 } else {
-                    health_reporter.set_not_serving::<GenerationServer<GenerationApi>>().await;
+                    health_reporter
+                        .set_not_serving::<GenerationServer<GenerationApi>>()
+                        .await;
                 }
                 last = now;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    Server::builder()
+    let http = http_api::serve(http_listener, http_router, shutdown_signal());
+    let grpc = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GenerationServer::new(GenerationApi { app }))
         .add_service(CollectorServer::new(CollectorApi { scheduler: sched }).max_decoding_message_size(usize::MAX))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        );
+    // Either server failing ends the process (and, through kill_on_drop, the workers).
+    tokio::try_join!(async { grpc.await.context("gRPC server") }, async {
+        http.await.context("HTTP server")
+    })?;
     drop(children);
     Ok(())
 }

@@ -9,7 +9,11 @@ use clap::Parser;
 use coordinator::launcher::{default_stage_command, run, LaunchOptions};
 
 #[derive(Parser)]
-#[command(name = "coordinator", version, about = "IndexRelay coordinator and local cluster launcher")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "IndexRelay coordinator and local cluster launcher"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -32,12 +36,22 @@ struct Cli {
     /// Public gRPC port (0 = any free port).
     #[arg(long, default_value_t = 50051)]
     grpc_port: u16,
+    /// OpenAI-compatible HTTP port (0 = any free port).
+    #[arg(long, default_value_t = 8000)]
+    http_port: u16,
     /// KV blocks per worker.
     #[arg(long, default_value_t = 4096)]
     kv_blocks: usize,
     /// Positions per KV block.
     #[arg(long, default_value_t = 64)]
     block_size: usize,
+    /// etcd endpoints (comma-separated): workers started separately with
+    /// `worker serve --etcd URL` join instead of being spawned here.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Option<Vec<String>>,
+    /// Cluster key prefix in etcd.
+    #[arg(long, default_value = "/indexrelay/default")]
+    etcd_prefix: String,
     /// Most prompt tokens per micro-batch.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
@@ -53,7 +67,8 @@ enum Sub {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -88,15 +103,18 @@ fn main_inner() -> Result<()> {
         split: cli.split,
         index_pattern: cli.index_pattern,
         grpc_port: cli.grpc_port,
+        http_port: cli.http_port,
         kv_blocks: cli.kv_blocks,
         block_size: cli.block_size,
         prefill_chunk: cli.prefill_chunk,
         stage_command: default_stage_command(),
+        etcd: cli.etcd,
+        etcd_prefix: cli.etcd_prefix,
     };
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(run(opts, |addr, pids| {
+    rt.block_on(run(opts, |r| {
         // One machine-readable line so scripts and tests know where to connect.
-        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
-        println!("READY grpc={addr} worker_pids={}", pids.join(","));
+        let pids: Vec<String> = r.worker_pids.iter().map(u32::to_string).collect();
+        println!("READY grpc={} http={} worker_pids={}", r.grpc, r.http, pids.join(","));
     }))
 }

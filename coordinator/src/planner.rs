@@ -56,7 +56,10 @@ pub fn balance(pattern: &[bool], stages: usize, cost: CostModel) -> Result<Plan,
             format!("must be between 1 and the number of layers ({n}), got {stages}"),
         ));
     }
-    let layer_cost: Vec<f64> = pattern.iter().map(|f| if *f { 1.0 + cost.full_extra } else { 1.0 }).collect();
+    let layer_cost: Vec<f64> = pattern
+        .iter()
+        .map(|f| if *f { 1.0 + cost.full_extra } else { 1.0 })
+        .collect();
     let mut prefix = vec![0.0; n + 1];
     for i in 0..n {
         prefix[i + 1] = prefix[i] + layer_cost[i];
@@ -76,7 +79,8 @@ pub fn balance(pattern: &[bool], stages: usize, cost: CostModel) -> Result<Plan,
                 let relay = if j > 0 && !pattern[j] { cost.relay } else { 0.0 };
                 let cand = (prev_max.max(prefix[i] - prefix[j]), prev_relay + relay);
                 let (bm, br) = best[k][i];
-                let better = cand.0 + cand.1 < bm + br - 1e-12 || ((cand.0 + cand.1 - (bm + br)).abs() <= 1e-12 && cand.1 < br);
+                let better =
+                    cand.0 + cand.1 < bm + br - 1e-12 || ((cand.0 + cand.1 - (bm + br)).abs() <= 1e-12 && cand.1 < br);
                 if better {
                     best[k][i] = cand;
                     choice[k][i] = j;
@@ -119,7 +123,10 @@ mod tests {
     #[test]
     fn full_layers_weigh_more() {
         // Two Full layers up front: with full_extra = 1 the first stage takes fewer layers.
-        let cost = CostModel { full_extra: 1.0, relay: 0.0 };
+        let cost = CostModel {
+            full_extra: 1.0,
+            relay: 0.0,
+        };
         let p = balance(&pat("FFSSSS"), 2, cost).unwrap();
         assert_eq!(p, vec![0..2, 2..6]);
     }
@@ -130,6 +137,9 @@ mod tests {
         assert!(pinned(&[5, 3], 8).unwrap_err().to_string().contains("split"));
         assert!(pinned(&[0], 8).is_err());
         assert!(pinned(&[8], 8).is_err());
-        assert!(balance(&pat("FS"), 3, CostModel::default()).unwrap_err().to_string().contains("stages"));
+        assert!(balance(&pat("FS"), 3, CostModel::default())
+            .unwrap_err()
+            .to_string()
+            .contains("stages"));
     }
 }

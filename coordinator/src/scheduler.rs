@@ -74,7 +74,8 @@ pub enum Event {
 }
 
 enum Cmd {
-    Submit(SubmitRequest, mpsc::UnboundedSender<Event>),
+    /// The request, its event sender and when it was submitted (for the queue-time metric).
+    Submit(SubmitRequest, mpsc::UnboundedSender<Event>, Instant),
     Report(pb::TokenReport),
     StageHealth(usize, bool),
 }
@@ -113,7 +114,7 @@ impl SchedulerHandle {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         self.tx
-            .send(Cmd::Submit(req, tx))
+            .send(Cmd::Submit(req, tx, Instant::now()))
             .map_err(|_| CoordinatorError::Internal("scheduler stopped".into()))?;
         Ok(rx)
     }
@@ -160,7 +161,7 @@ struct State {
     cluster: Arc<Cluster>,
     seqs: HashMap<u64, Seq>,
     order: Vec<u64>,
-    waiting: VecDeque<(u64, SubmitRequest, mpsc::UnboundedSender<Event>)>,
+    waiting: VecDeque<(u64, SubmitRequest, mpsc::UnboundedSender<Event>, Instant)>,
     inflight: HashMap<u64, Inflight>,
     next_seq: u64,
     next_batch: u64,
@@ -209,7 +210,7 @@ pub fn start(cluster: Arc<Cluster>, opts: SchedulerOptions) -> SchedulerHandle {
             st.publish();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(Cmd::Submit(req, tx)) => st.enqueue(req, tx),
+                    Some(Cmd::Submit(req, tx, at)) => st.enqueue(req, tx, at),
                     Some(Cmd::Report(r)) => st.on_report(r),
                     Some(Cmd::StageHealth(i, up)) => st.on_health(i, up),
                     None => break,
@@ -241,7 +242,7 @@ impl State {
         (r.prompt.len() + r.max_new_tokens).div_ceil(self.opts.block_size.max(1))
     }
 
-    fn enqueue(&mut self, req: SubmitRequest, tx: mpsc::UnboundedSender<Event>) {
+    fn enqueue(&mut self, req: SubmitRequest, tx: mpsc::UnboundedSender<Event>, submitted: Instant) {
         if self.blocks_for(&req) > self.opts.kv_blocks {
             let _ = tx.send(Event::Failed(CoordinatorError::invalid(
                 "max_tokens",
@@ -257,17 +258,20 @@ impl State {
         }
         let id = self.next_seq;
         self.next_seq += 1;
-        self.waiting.push_back((id, req, tx));
+        self.waiting.push_back((id, req, tx, submitted));
     }
 
     /// Moves waiting requests in while the KV capacity allows (FIFO, no overtaking).
     fn admit(&mut self) {
-        while let Some((_, req, _)) = self.waiting.front() {
+        while let Some((_, req, _, _)) = self.waiting.front() {
             let need = self.blocks_for(req);
             if self.used_blocks + need > self.opts.kv_blocks {
                 break;
             }
-            let Some((id, req, tx)) = self.waiting.pop_front() else { break };
+            let Some((id, req, tx, submitted)) = self.waiting.pop_front() else {
+                break;
+            };
+            crate::metrics::observe_queue_time(submitted.elapsed());
             self.used_blocks += need;
             self.order.push(id);
             self.seqs.insert(
@@ -322,7 +326,10 @@ impl State {
             let prefill = start < plen;
             let ends_prompt = start + len >= plen;
             let prompt_targets = if prefill && s.req.prompt_logprobs {
-                (start..start + len).filter(|p| p + 1 < plen).map(|p| s.req.prompt[p + 1]).collect()
+                (start..start + len)
+                    .filter(|p| p + 1 < plen)
+                    .map(|p| s.req.prompt[p + 1])
+                    .collect()
             } else {
                 Vec::new()
             };
@@ -364,14 +371,22 @@ impl State {
 
     async fn send(&mut self, req: pb::ForwardRequest, segs: Vec<(u64, usize, usize)>) {
         let batch_id = req.batch_id;
-        self.inflight.insert(batch_id, Inflight { sent: Instant::now(), segs });
+        self.inflight.insert(
+            batch_id,
+            Inflight {
+                sent: Instant::now(),
+                segs,
+            },
+        );
         if let Err(e) = self.cluster.forward_first(req).await {
             self.fail_batch(batch_id, CoordinatorError::Unavailable(format!("stage 0: {e}")));
         }
     }
 
     fn fail_batch(&mut self, batch_id: u64, err: CoordinatorError) {
-        let Some(b) = self.inflight.remove(&batch_id) else { return };
+        let Some(b) = self.inflight.remove(&batch_id) else {
+            return;
+        };
         for (id, _, _) in b.segs {
             self.finish(id, Some(Event::Failed(err.clone())));
         }
@@ -395,11 +410,20 @@ impl State {
             self.fail_batch(r.batch_id, CoordinatorError::Unavailable(r.error));
             return;
         }
-        let Some(b) = self.inflight.remove(&r.batch_id) else { return };
+        crate::metrics::add_relay_bytes(r.relay_bytes);
+        let Some(b) = self.inflight.remove(&r.batch_id) else {
+            return;
+        };
         let results: HashMap<u64, pb::SegmentResult> = r.results.into_iter().map(|x| (x.seq, x)).collect();
         for (id, start, len) in b.segs {
             let Some(s) = self.seqs.get_mut(&id) else { continue };
             s.in_flight = false;
+            if s.tx.is_closed() {
+                // The client went away. A decoding sequence is back in flight as soon as its
+                // report is handled, so the periodic reaper would never see it idle: stop it here.
+                self.finish(id, None);
+                continue;
+            }
             let res = results.get(&id);
             let plen = s.req.prompt.len();
             if start < plen {
@@ -450,7 +474,7 @@ impl State {
             for id in ids {
                 self.finish(id, Some(Event::Failed(err.clone())));
             }
-            while let Some((_, _, tx)) = self.waiting.pop_front() {
+            while let Some((_, _, tx, _)) = self.waiting.pop_front() {
                 let _ = tx.send(Event::Failed(err.clone()));
             }
             self.inflight.clear();
@@ -469,7 +493,7 @@ impl State {
         for id in gone {
             self.finish(id, None);
         }
-        self.waiting.retain(|(_, _, tx)| !tx.is_closed());
+        self.waiting.retain(|(_, _, tx, _)| !tx.is_closed());
         let lost: Vec<u64> = self
             .inflight
             .iter()
@@ -477,7 +501,10 @@ impl State {
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
-            self.fail_batch(id, CoordinatorError::Unavailable("micro-batch lost in the pipeline".into()));
+            self.fail_batch(
+                id,
+                CoordinatorError::Unavailable("micro-batch lost in the pipeline".into()),
+            );
         }
     }
 }

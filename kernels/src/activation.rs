@@ -17,11 +17,7 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// SwiGLU gate: `gate[i] = silu(gate[i]) · up[i]` with `silu(x) = x / (1 + e^-x)`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    debug_assert_eq!(
-        gate.len(),
-        up.len(),
-        "silu_mul: gate and up differ in length"
-    );
+    debug_assert_eq!(gate.len(), up.len(), "silu_mul: gate and up differ in length");
     fn run(g: &mut [f32], u: &[f32]) {
         for (g, &u) in g.iter_mut().zip(u) {
             *g = *g / (1.0 + (-*g).exp()) * u;
@@ -59,11 +55,7 @@ pub fn softmax_in_place(x: &mut [f32]) {
 
 /// Numerically stable log-softmax: `out = x - max - ln Σ exp(x - max)`, the sum in `f64`.
 pub fn log_softmax(x: &[f32], out: &mut [f32]) {
-    debug_assert_eq!(
-        x.len(),
-        out.len(),
-        "log_softmax: x and out differ in length"
-    );
+    debug_assert_eq!(x.len(), out.len(), "log_softmax: x and out differ in length");
     if x.is_empty() {
         return;
     }
@@ -115,10 +107,7 @@ mod tests {
             let x: Vec<f32> = rng.vec(n).iter().map(|v| v * 50.0 + 1000.0).collect();
             let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
-            let expected: Vec<f32> = x
-                .iter()
-                .map(|&v| ((v as f64 - max).exp() / sum) as f32)
-                .collect();
+            let expected: Vec<f32> = x.iter().map(|&v| ((v as f64 - max).exp() / sum) as f32).collect();
             let mut y = x.clone();
             softmax_in_place(&mut y);
             assert_close(&y, &expected, 1e-5, 1e-7);

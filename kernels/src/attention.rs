@@ -53,16 +53,8 @@ pub struct MlaAttentionInputs<'a> {
 pub fn sparse_mla_attention(inp: &MlaAttentionInputs<'_>, out: &mut [f32]) {
     let rows = inp.selected.len();
     let (heads, rank) = (inp.heads, inp.kv_rank);
-    debug_assert_eq!(
-        inp.q_latent.len(),
-        rows * heads * rank,
-        "attention: q_latent shape"
-    );
-    debug_assert_eq!(
-        inp.q_rope.len(),
-        rows * heads * inp.rope_dim,
-        "attention: q_rope shape"
-    );
+    debug_assert_eq!(inp.q_latent.len(), rows * heads * rank, "attention: q_latent shape");
+    debug_assert_eq!(inp.q_rope.len(), rows * heads * inp.rope_dim, "attention: q_rope shape");
     debug_assert_eq!(out.len(), rows * heads * rank, "attention: out shape");
     debug_assert!(inp.block_size > 0, "attention: block_size is 0");
     if rows == 0 || heads == 0 || rank == 0 {
@@ -76,16 +68,14 @@ pub fn sparse_mla_attention(inp: &MlaAttentionInputs<'_>, out: &mut [f32]) {
     };
     // Multiples of four heads keep the 4-way dot kernel busy.
     let group_heads = heads.div_ceil(groups).next_multiple_of(4).min(heads);
-    out.par_chunks_mut(heads * rank)
-        .enumerate()
-        .for_each(|(row, row_out)| {
-            row_out
-                .par_chunks_mut(group_heads * rank)
-                .enumerate()
-                .for_each_init(Vec::new, |scratch, (g, head_out)| {
-                    attend(inp, row, g * group_heads, head_out, scratch);
-                });
-        });
+    out.par_chunks_mut(heads * rank).enumerate().for_each(|(row, row_out)| {
+        row_out
+            .par_chunks_mut(group_heads * rank)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (g, head_out)| {
+                attend(inp, row, g * group_heads, head_out, scratch);
+            });
+    });
 }
 
 multiversion! {
@@ -229,10 +219,7 @@ fn scale<S: Simd>(s: S, x: &mut [f32], factor: f32) {
     for c in &mut chunks {
         s.store(c, s.mul(s.load(c), f));
     }
-    chunks
-        .into_remainder()
-        .iter_mut()
-        .for_each(|v| *v *= factor);
+    chunks.into_remainder().iter_mut().for_each(|v| *v *= factor);
 }
 
 /// `out[h] += Σ_j probs[h][j] · keys[j]` for every head `h` (`probs` rows are `KEY_TILE`

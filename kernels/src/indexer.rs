@@ -63,16 +63,8 @@ pub struct IndexerInputs<'a> {
 pub fn indexer_topk(inp: &IndexerInputs<'_>, out: &mut Vec<Vec<u32>>) {
     let rows = inp.positions.len();
     let (heads, dim) = (inp.heads, inp.dim);
-    debug_assert_eq!(
-        inp.q.len(),
-        rows * heads * dim,
-        "indexer: q is not rows×heads×dim"
-    );
-    debug_assert_eq!(
-        inp.weights.len(),
-        rows * heads,
-        "indexer: weights is not rows×heads"
-    );
+    debug_assert_eq!(inp.q.len(), rows * heads * dim, "indexer: q is not rows×heads×dim");
+    debug_assert_eq!(inp.weights.len(), rows * heads, "indexer: weights is not rows×heads");
     debug_assert!(inp.block_size > 0, "indexer: block_size is 0");
     out.resize_with(rows, Vec::new);
 
@@ -97,8 +89,7 @@ pub fn indexer_topk(inp: &IndexerInputs<'_>, out: &mut Vec<Vec<u32>>) {
         chunk.score(inp, rows);
         let tile = chunk.tile_keys;
         let stride = rows.len() * tile;
-        let mut results: Vec<(usize, Vec<u32>)> =
-            rows.iter().map(|&r| (r, mem::take(&mut out[r]))).collect();
+        let mut results: Vec<(usize, Vec<u32>)> = rows.iter().map(|&r| (r, mem::take(&mut out[r]))).collect();
         let scores = &chunk.scores;
         results
             .par_iter_mut()
@@ -154,8 +145,7 @@ impl ChunkScratch {
         self.weights.clear();
         for &r in rows {
             self.q.extend_from_slice(&inp.q[r * qv..(r + 1) * qv]);
-            self.weights
-                .extend_from_slice(&inp.weights[r * heads..(r + 1) * heads]);
+            self.weights.extend_from_slice(&inp.weights[r * heads..(r + 1) * heads]);
         }
         let n_keys = rows.iter().map(|&r| inp.positions[r]).max().unwrap_or(0) + 1;
         // Whole blocks per tile; a block bigger than TILE_KEYS is one tile, used in place.

@@ -14,14 +14,7 @@ struct Case {
 }
 
 /// Naive `f64` scores of keys `0..=t` for one row.
-fn reference_scores(
-    q: &[f32],
-    w: &[f32],
-    keys: &[f32],
-    heads: usize,
-    dim: usize,
-    t: usize,
-) -> Vec<f64> {
+fn reference_scores(q: &[f32], w: &[f32], keys: &[f32], heads: usize, dim: usize, t: usize) -> Vec<f64> {
     (0..=t)
         .map(|s| {
             let k = &keys[s * dim..(s + 1) * dim];
@@ -75,14 +68,8 @@ fn run_case(c: &Case, seed: u64) -> usize {
             continue;
         }
         assert_eq!(sel.len(), c.topk, "row {r}");
-        assert!(
-            sel.windows(2).all(|p| p[0] < p[1]),
-            "row {r} not sorted/unique"
-        );
-        assert!(
-            sel.iter().all(|&s| s as usize <= t),
-            "row {r} selected a future key"
-        );
+        assert!(sel.windows(2).all(|p| p[0] < p[1]), "row {r} not sorted/unique");
+        assert!(sel.iter().all(|&s| s as usize <= t), "row {r} selected a future key");
         let qr = &q[r * c.heads * c.dim..(r + 1) * c.heads * c.dim];
         let scores = reference_scores(qr, &weights[r * c.heads..], &keys, c.heads, c.dim, t);
         let mut chosen = vec![false; t + 1];

@@ -38,15 +38,7 @@ pub fn matmul_t(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: us
 
 /// [`matmul_t`] with explicit control over threading. Kernels that already run inside a
 /// rayon task pass `parallel = false` so the product stays on that task's thread.
-pub(crate) fn matmul_t_with(
-    x: &[f32],
-    w: &[f32],
-    out: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    parallel: bool,
-) {
+pub(crate) fn matmul_t_with(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, parallel: bool) {
     debug_assert_eq!(x.len(), m * k, "matmul_t: x is not m×k");
     debug_assert_eq!(w.len(), n * k, "matmul_t: w is not n×k");
     debug_assert_eq!(out.len(), m * n, "matmul_t: out is not m×n");

@@ -13,10 +13,7 @@ const PARALLEL_MIN: usize = 1 << 16;
 /// Applies `f` to every (input row, output row) pair, in parallel when the work is large.
 fn for_each_row(x: &[f32], out: &mut [f32], dim: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
     debug_assert_eq!(x.len(), out.len(), "norm: x and out differ in length");
-    debug_assert!(
-        dim > 0 && x.len().is_multiple_of(dim),
-        "norm: x is not rows × dim"
-    );
+    debug_assert!(dim > 0 && x.len().is_multiple_of(dim), "norm: x is not rows × dim");
     if dim == 0 {
         return;
     }
@@ -48,11 +45,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// LayerNorm over rows of length `weight.len()` (`torch.nn.LayerNorm`, biased variance):
 /// `out = (x - mean) / sqrt(var + eps) · weight + bias`.
 pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
-    debug_assert_eq!(
-        weight.len(),
-        bias.len(),
-        "layer_norm: weight and bias differ"
-    );
+    debug_assert_eq!(weight.len(), bias.len(), "layer_norm: weight and bias differ");
     for_each_row(x, out, weight.len(), |xr, or| {
         let n = xr.len() as f64;
         let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
@@ -77,11 +70,7 @@ mod tests {
         for row in x.chunks(d) {
             let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
             let inv = 1.0 / (ms + eps as f64).sqrt();
-            out.extend(
-                row.iter()
-                    .zip(w)
-                    .map(|(&v, &g)| (v as f64 * inv * g as f64) as f32),
-            );
+            out.extend(row.iter().zip(w).map(|(&v, &g)| (v as f64 * inv * g as f64) as f32));
         }
         out
     }

@@ -63,12 +63,7 @@ mod tests {
             apply_rope(&mut y, &cos, &sin, RopeStyle::Interleaved);
             let mut expected = vec![0.0f32; 2 * half];
             for i in 0..half {
-                let (a, b, c, s) = (
-                    x[2 * i] as f64,
-                    x[2 * i + 1] as f64,
-                    cos[i] as f64,
-                    sin[i] as f64,
-                );
+                let (a, b, c, s) = (x[2 * i] as f64, x[2 * i + 1] as f64, cos[i] as f64, sin[i] as f64);
                 expected[2 * i] = (a * c - b * s) as f32;
                 expected[2 * i + 1] = (b * c + a * s) as f32;
             }
@@ -86,12 +81,7 @@ mod tests {
             apply_rope(&mut y, &cos, &sin, RopeStyle::NeoX);
             let mut expected = vec![0.0f32; 2 * half];
             for i in 0..half {
-                let (a, b, c, s) = (
-                    x[i] as f64,
-                    x[i + half] as f64,
-                    cos[i] as f64,
-                    sin[i] as f64,
-                );
+                let (a, b, c, s) = (x[i] as f64, x[i + half] as f64, cos[i] as f64, sin[i] as f64);
                 expected[i] = (a * c - b * s) as f32;
                 expected[i + half] = (b * c + a * s) as f32;
             }

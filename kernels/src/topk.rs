@@ -22,11 +22,7 @@ thread_local! {
 fn ordered_bits(score: f32) -> u32 {
     let b = score.to_bits();
     // NaN counts as -inf; -0.0 folds into +0.0 (they compare equal, so the index decides).
-    let b = if score.is_nan() {
-        f32::NEG_INFINITY.to_bits()
-    } else {
-        b
-    };
+    let b = if score.is_nan() { f32::NEG_INFINITY.to_bits() } else { b };
     let b = if b << 1 == 0 { 0 } else { b };
     // Negative floats order backwards as integers, so flip all their bits; set the sign bit
     // of positives so they land above every negative.
@@ -55,10 +51,7 @@ fn unpack_index(packed: u64) -> u32 {
 pub fn select_topk(scores: &[f32], k: usize, out: &mut Vec<u32>) {
     out.clear();
     let n = scores.len();
-    debug_assert!(
-        n <= u32::MAX as usize,
-        "select_topk: index does not fit in u32"
-    );
+    debug_assert!(n <= u32::MAX as usize, "select_topk: index does not fit in u32");
     if k >= n {
         out.extend(0..n as u32);
         return;
@@ -69,12 +62,7 @@ pub fn select_topk(scores: &[f32], k: usize, out: &mut Vec<u32>) {
     KEYS.with(|keys| {
         let mut keys = keys.borrow_mut();
         keys.clear();
-        keys.extend(
-            scores
-                .iter()
-                .enumerate()
-                .map(|(i, &s)| pack(ordered_bits(s), i)),
-        );
+        keys.extend(scores.iter().enumerate().map(|(i, &s)| pack(ordered_bits(s), i)));
         keys.select_nth_unstable(n - k);
         out.extend(keys[n - k..].iter().map(|&key| unpack_index(key)));
     });
@@ -105,15 +93,7 @@ mod tests {
     fn matches_full_sort_on_random_inputs() {
         let mut rng = Rng::new(40);
         let mut out = Vec::new();
-        for &(n, k) in &[
-            (1, 0),
-            (2, 1),
-            (10, 3),
-            (100, 1),
-            (100, 99),
-            (1000, 17),
-            (5000, 2048),
-        ] {
+        for &(n, k) in &[(1, 0), (2, 1), (10, 3), (100, 1), (100, 99), (1000, 17), (5000, 2048)] {
             // Few distinct values, so ties are common.
             let scores: Vec<f32> = (0..n).map(|_| (rng.below(50) as f32) - 25.0).collect();
             select_topk(&scores, k, &mut out);
@@ -131,9 +111,7 @@ mod tests {
         let mut rng = Rng::new(41);
         let mut out = Vec::new();
         for &(n, k) in &[(20_000, 100), (20_000, 5000), (50_000, 2048), (9000, 8999)] {
-            let scores: Vec<f32> = (0..n)
-                .map(|_| 1.0 + (rng.below(4000) as f32) * 2.5e-7)
-                .collect();
+            let scores: Vec<f32> = (0..n).map(|_| 1.0 + (rng.below(4000) as f32) * 2.5e-7).collect();
             select_topk(&scores, k, &mut out);
             assert_eq!(out, reference(&scores, k), "n={n} k={k}");
             let scores: Vec<f32> = (0..n).map(|_| 1.0 + rng.f32().abs() * 1e-3).collect();
@@ -183,13 +161,7 @@ mod tests {
     #[test]
     fn infinities_and_extremes_order_correctly() {
         let mut out = Vec::new();
-        let s = [
-            f32::MIN,
-            f32::INFINITY,
-            f32::MAX,
-            -f32::MIN_POSITIVE,
-            f32::MIN_POSITIVE,
-        ];
+        let s = [f32::MIN, f32::INFINITY, f32::MAX, -f32::MIN_POSITIVE, f32::MIN_POSITIVE];
         select_topk(&s, 3, &mut out);
         assert_eq!(out, [1, 2, 4]);
         select_topk(&s, 4, &mut out);

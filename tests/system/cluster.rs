@@ -14,17 +14,27 @@ use super::Answer;
 
 /// A golden fixture checkpoint.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/golden")
+        .join(name)
 }
 
 /// The fixture's prompts.
 pub fn prompt_cases(dir: &Path) -> Vec<Vec<u32>> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     v["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| c["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .map(|c| {
+            c["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -33,6 +43,8 @@ pub struct Cluster {
     child: Child,
     /// Public gRPC address.
     pub addr: String,
+    /// OpenAI-compatible HTTP address.
+    pub http: String,
     /// Worker process ids, in stage order.
     pub worker_pids: Vec<u32>,
 }
@@ -41,7 +53,9 @@ impl Cluster {
     /// Starts `coordinator --model dir --stages K [--split …]` and waits for READY.
     pub async fn start(dir: &Path, stages: usize, split: &[usize], extra: &[&str]) -> Cluster {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordinator"));
-        cmd.arg("--model").arg(dir).args(["--stages", &stages.to_string(), "--grpc-port", "0"]);
+        cmd.arg("--model")
+            .arg(dir)
+            .args(["--stages", &stages.to_string(), "--grpc-port", "0", "--http-port", "0"]);
         if !split.is_empty() {
             let s: Vec<String> = split.iter().map(usize::to_string).collect();
             cmd.args(["--split", &s.join(",")]);
@@ -59,38 +73,59 @@ impl Cluster {
             .unwrap()
             .unwrap();
         let mut addr = String::new();
+        let mut http = String::new();
         let mut worker_pids = Vec::new();
         for part in line.split_whitespace() {
             if let Some(a) = part.strip_prefix("grpc=") {
                 addr = a.to_string();
+            } else if let Some(a) = part.strip_prefix("http=") {
+                http = a.to_string();
             } else if let Some(p) = part.strip_prefix("worker_pids=") {
                 worker_pids = p.split(',').filter_map(|x| x.parse().ok()).collect();
             }
         }
-        assert!(!addr.is_empty(), "unexpected first line: {line:?}");
-        assert_eq!(worker_pids.len(), stages);
-        Cluster { child, addr, worker_pids }
+        assert!(!addr.is_empty() && !http.is_empty(), "unexpected first line: {line:?}");
+        let etcd = extra.contains(&"--etcd");
+        assert_eq!(worker_pids.len(), if etcd { 0 } else { stages });
+        Cluster {
+            child,
+            addr,
+            http,
+            worker_pids,
+        }
     }
 
     /// A client for the public API.
     pub fn client(&self) -> GenerationClient<Channel> {
-        let ch = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect_lazy();
+        let ch = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy();
         GenerationClient::new(ch)
     }
 
     /// Runs one request to the end.
-    pub async fn generate(&self, prompt: Vec<u32>, n: usize, s: SamplingParams, lps: bool) -> Result<Answer, tonic::Status> {
+    pub async fn generate(
+        &self,
+        prompt: Vec<u32>,
+        n: usize,
+        s: SamplingParams,
+        lps: bool,
+    ) -> Result<Answer, tonic::Status> {
         generate_with(self.client(), prompt, n, s, lps).await
     }
 
     /// Kills stage `i`'s worker process.
     pub fn kill_worker(&self, i: usize) {
-        let _ = Command::new("kill").args(["-9", &self.worker_pids[i].to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-9", &self.worker_pids[i].to_string()])
+            .status();
     }
 
     /// `grpc.health.v1` status of the public service.
     pub async fn health(&self) -> i32 {
-        let ch = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect_lazy();
+        let ch = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_lazy();
         let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
         let req = tonic_health::pb::HealthCheckRequest {
             service: "indexrelay.v1.Generation".into(),
@@ -141,7 +176,10 @@ pub async fn generate_with(
     lps: bool,
 ) -> Result<Answer, tonic::Status> {
     let mut stream = c.generate(request(prompt, n, s, lps)).await?.into_inner();
-    let mut ans = Answer { tokens: Vec::new(), prompt_logprobs: Vec::new() };
+    let mut ans = Answer {
+        tokens: Vec::new(),
+        prompt_logprobs: Vec::new(),
+    };
     let mut finished = false;
     while let Some(msg) = stream.message().await? {
         if !msg.prompt_logprobs.is_empty() {

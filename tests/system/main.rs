@@ -3,6 +3,8 @@
 //! fail cleanly when a worker dies.
 
 mod cluster;
+mod etcd;
+mod http;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,7 +45,11 @@ fn local(dir: &PathBuf, reqs: &[(Vec<u32>, usize, SamplingParams)], prompt_logpr
 
 fn assert_same(name: &str, got: &Answer, want: &Answer) {
     assert_eq!(got.tokens, want.tokens, "{name}: token ids");
-    assert_eq!(got.prompt_logprobs.len(), want.prompt_logprobs.len(), "{name}: prompt logprobs");
+    assert_eq!(
+        got.prompt_logprobs.len(),
+        want.prompt_logprobs.len(),
+        "{name}: prompt logprobs"
+    );
     for (i, (g, w)) in got.prompt_logprobs.iter().zip(&want.prompt_logprobs).enumerate() {
         match (g, w) {
             (None, None) => {}
@@ -64,7 +70,14 @@ async fn distributed_equals_local_for_every_split() {
         prompt_cases(&dir).into_iter().map(|p| (p, 8, greedy())).collect();
     let want = local(&dir, &reqs, true);
     // Splits at 1, 2 and 5 start a stage on a Shared layer: the relay must carry indices.
-    let splits: [(usize, &[usize]); 6] = [(1, &[]), (2, &[3]), (2, &[2]), (3, &[1, 4]), (3, &[2, 5]), (4, &[1, 2, 5])];
+    let splits: [(usize, &[usize]); 6] = [
+        (1, &[]),
+        (2, &[3]),
+        (2, &[2]),
+        (3, &[1, 4]),
+        (3, &[2, 5]),
+        (4, &[1, 2, 5]),
+    ];
     for (stages, split) in splits {
         let c = Cluster::start(&dir, stages, split, &[]).await;
         for (i, (p, n, _)) in reqs.iter().enumerate() {
@@ -91,7 +104,12 @@ async fn concurrent_streams_each_equal_their_single_answer() {
             let sampling = if i % 2 == 0 {
                 greedy()
             } else {
-                SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 40, seed: Some(1000 + i as u64) }
+                SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.95,
+                    top_k: 40,
+                    seed: Some(1000 + i as u64),
+                }
             };
             (prompt, 4 + (next() % 12) as usize, sampling)
         })
@@ -101,7 +119,9 @@ async fn concurrent_streams_each_equal_their_single_answer() {
     let mut tasks = Vec::new();
     for (p, n, s) in reqs.clone() {
         let c = c.client();
-        tasks.push(tokio::spawn(async move { cluster::generate_with(c, p, n, s, false).await }));
+        tasks.push(tokio::spawn(
+            async move { cluster::generate_with(c, p, n, s, false).await },
+        ));
     }
     for (i, t) in tasks.into_iter().enumerate() {
         let got = t.await.unwrap().unwrap();
@@ -131,7 +151,11 @@ async fn killed_worker_fails_streams_fast_and_cluster_reports_unhealthy() {
         }
     };
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(killed.elapsed() < Duration::from_secs(10), "error took {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "error took {:?}",
+        killed.elapsed()
+    );
     // The cluster says it is unhealthy, and new requests are refused with UNAVAILABLE.
     let deadline = Instant::now() + Duration::from_secs(5);
     while c.health().await == pb_serving() && Instant::now() < deadline {
@@ -139,7 +163,10 @@ async fn killed_worker_fails_streams_fast_and_cluster_reports_unhealthy() {
     }
     assert_ne!(c.health().await, pb_serving());
     let mut client = c.client();
-    let status = client.generate(cluster::request(vec![1, 2], 2, greedy(), false)).await.unwrap_err();
+    let status = client
+        .generate(cluster::request(vec![1, 2], 2, greedy(), false))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
 }
 
@@ -149,11 +176,35 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
     let c = Cluster::start(&dir, 2, &[], &[]).await;
     let cases: Vec<(pb::GenerateRequest, &str)> = vec![
         (cluster::request(vec![], 4, greedy(), false), "prompt"),
-        (cluster::request(vec![1; 500], 100, greedy(), false), "maximum context length is 512"),
+        (
+            cluster::request(vec![1; 500], 100, greedy(), false),
+            "maximum context length is 512",
+        ),
         (cluster::request(vec![1, 400], 4, greedy(), false), "vocab_size = 320"),
-        (cluster::request(vec![1], 4, SamplingParams { temperature: -1.0, ..greedy() }, false), "temperature"),
-        (cluster::request(vec![1], 4, SamplingParams { top_p: 1.5, ..greedy() }, false), "top_p"),
-        (pb::GenerateRequest { input: Some(pb::generate_request::Input::Text("hi".into())), max_new_tokens: 2, ..Default::default() }, "tokenizer"),
+        (
+            cluster::request(
+                vec![1],
+                4,
+                SamplingParams {
+                    temperature: -1.0,
+                    ..greedy()
+                },
+                false,
+            ),
+            "temperature",
+        ),
+        (
+            cluster::request(vec![1], 4, SamplingParams { top_p: 1.5, ..greedy() }, false),
+            "top_p",
+        ),
+        (
+            pb::GenerateRequest {
+                input: Some(pb::generate_request::Input::Text("hi".into())),
+                max_new_tokens: 2,
+                ..Default::default()
+            },
+            "tokenizer",
+        ),
     ];
     for (req, needle) in cases {
         let status = c.client().generate(req).await.unwrap_err();
@@ -162,7 +213,10 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
     }
     let mut req = cluster::request(vec![1], 2, greedy(), false);
     req.model = "no-such-model".into();
-    assert_eq!(c.client().generate(req).await.unwrap_err().code(), tonic::Code::NotFound);
+    assert_eq!(
+        c.client().generate(req).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
     // The cluster still serves after bad input.
     let ok = c.generate(vec![1, 2, 3], 3, greedy(), false).await.unwrap();
     assert_eq!(ok.tokens.len(), 3);

@@ -295,7 +295,10 @@ impl ModelConfig {
             }
         }
         if f.bool_or("attention_bias", false)? {
-            return Err(f.err("attention_bias", "attention biases are not supported (DSA checkpoints have none)"));
+            return Err(f.err(
+                "attention_bias",
+                "attention biases are not supported (DSA checkpoints have none)",
+            ));
         }
         let num_hidden_layers = f.dim("num_hidden_layers")?;
         let n_routed_experts = f.dim("n_routed_experts")?;
@@ -308,7 +311,10 @@ impl ModelConfig {
             ));
         }
         if topk_group > n_group {
-            return Err(f.err("topk_group", format!("must be at most n_group ({n_group}), found {topk_group}")));
+            return Err(f.err(
+                "topk_group",
+                format!("must be at most n_group ({n_group}), found {topk_group}"),
+            ));
         }
         let num_experts_per_tok = f.dim("num_experts_per_tok")?;
         if num_experts_per_tok > topk_group * (n_routed_experts / n_group) {
@@ -326,7 +332,10 @@ impl ModelConfig {
                 if items.len() != num_hidden_layers {
                     return Err(f.err(
                         "mlp_layer_types",
-                        format!("has {} entries, expected num_hidden_layers = {num_hidden_layers}", items.len()),
+                        format!(
+                            "has {} entries, expected num_hidden_layers = {num_hidden_layers}",
+                            items.len()
+                        ),
                     ));
                 }
                 items
@@ -334,7 +343,10 @@ impl ModelConfig {
                     .map(|v| match v.as_str() {
                         Some("sparse") => Ok(true),
                         Some("dense") => Ok(false),
-                        _ => Err(f.err("mlp_layer_types", format!("entries must be \"dense\" or \"sparse\", found {v}"))),
+                        _ => Err(f.err(
+                            "mlp_layer_types",
+                            format!("entries must be \"dense\" or \"sparse\", found {v}"),
+                        )),
                     })
                     .collect::<Result<Vec<_>>>()?
             }
@@ -451,10 +463,7 @@ fn parse_rope(f: &Fields<'_>) -> Result<RopeConfig> {
         prefix: &prefix,
     };
     let theta = p.f64_opt("rope_theta")?.or(top_theta).unwrap_or(10000.0);
-    let kind = p
-        .str_opt("rope_type")?
-        .or(p.str_opt("type")?)
-        .unwrap_or("default");
+    let kind = p.str_opt("rope_type")?.or(p.str_opt("type")?).unwrap_or("default");
     match kind {
         "default" => Ok(RopeConfig { theta, yarn: None }),
         "yarn" => {
@@ -500,7 +509,10 @@ fn parse_quantization(f: &Fields<'_>) -> Result<Option<Fp8BlockConfig>> {
     };
     let method = p.str_opt("quant_method")?.unwrap_or("");
     if method != "fp8" {
-        return Err(p.err("quant_method", format!("only \"fp8\" block quantization is supported, found {method:?}")));
+        return Err(p.err(
+            "quant_method",
+            format!("only \"fp8\" block quantization is supported, found {method:?}"),
+        ));
     }
     if let Some(fmt) = p.str_opt("fmt")? {
         if fmt != "e4m3" {
@@ -518,7 +530,12 @@ fn parse_quantization(f: &Fields<'_>) -> Result<Option<Fp8BlockConfig>> {
             block_rows: 128,
             block_cols: 128,
         },
-        Some(v) => return Err(p.err("weight_block_size", format!("expected [rows, cols] of positive integers, found {v}"))),
+        Some(v) => {
+            return Err(p.err(
+                "weight_block_size",
+                format!("expected [rows, cols] of positive integers, found {v}"),
+            ))
+        }
     };
     Ok(Some(block))
 }

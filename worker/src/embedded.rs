@@ -172,10 +172,18 @@ pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
         let a = format!("{p}.self_attn");
         g.linear(format!("{a}.q_a_proj"), s.q_lora_rank, d);
         g.norm(format!("{a}.q_a_layernorm.weight"), s.q_lora_rank);
-        g.linear(format!("{a}.q_b_proj"), s.heads * (s.nope_dim + s.rope_dim), s.q_lora_rank);
+        g.linear(
+            format!("{a}.q_b_proj"),
+            s.heads * (s.nope_dim + s.rope_dim),
+            s.q_lora_rank,
+        );
         g.linear(format!("{a}.kv_a_proj_with_mqa"), s.kv_lora_rank + s.rope_dim, d);
         g.norm(format!("{a}.kv_a_layernorm.weight"), s.kv_lora_rank);
-        g.linear(format!("{a}.kv_b_proj"), s.heads * (s.nope_dim + s.v_dim), s.kv_lora_rank);
+        g.linear(
+            format!("{a}.kv_b_proj"),
+            s.heads * (s.nope_dim + s.v_dim),
+            s.kv_lora_rank,
+        );
         g.linear(format!("{a}.o_proj"), d, s.heads * s.v_dim);
         if pattern.get(i).copied().unwrap_or(true) {
             g.linear(format!("{a}.indexer.wq_b"), s.index_heads * s.index_dim, s.q_lora_rank);
@@ -188,7 +196,12 @@ pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
             g.mlp(&format!("{p}.mlp"), d, s.intermediate_size);
         } else {
             g.linear(format!("{p}.mlp.gate"), s.experts, d);
-            g.add(format!("{p}.mlp.gate.e_score_correction_bias"), vec![s.experts], 0.05, 0.0);
+            g.add(
+                format!("{p}.mlp.gate.e_score_correction_bias"),
+                vec![s.experts],
+                0.05,
+                0.0,
+            );
             for j in 0..s.experts {
                 g.mlp(&format!("{p}.mlp.experts.{j}"), d, s.moe_intermediate_size);
             }

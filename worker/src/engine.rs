@@ -128,10 +128,18 @@ impl Engine {
         if req.prompt.is_empty() {
             return Err(WorkerError::invalid("prompt", "must contain at least one token"));
         }
-        if let Some((i, t)) = req.prompt.iter().enumerate().find(|(_, t)| **t as usize >= cfg.vocab_size) {
+        if let Some((i, t)) = req
+            .prompt
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= cfg.vocab_size)
+        {
             return Err(WorkerError::invalid(
                 "prompt_ids",
-                format!("token id {t} at index {i} is outside the vocabulary (vocab_size = {})", cfg.vocab_size),
+                format!(
+                    "token id {t} at index {i} is outside the vocabulary (vocab_size = {})",
+                    cfg.vocab_size
+                ),
             ));
         }
         let total = req.prompt.len() + req.max_new_tokens;
@@ -216,7 +224,12 @@ impl Engine {
                 let n = (plen - a.prefilled).min(budget);
                 budget -= n;
                 tokens.extend_from_slice(&a.req.prompt[a.prefilled..a.prefilled + n]);
-                segments.push(Segment { seq: a.seq, start: a.prefilled, len: n, relay: None });
+                segments.push(Segment {
+                    seq: a.seq,
+                    start: a.prefilled,
+                    len: n,
+                    relay: None,
+                });
                 for i in 0..n {
                     let pos = a.prefilled + i;
                     let is_last = pos + 1 == plen;
@@ -231,11 +244,18 @@ impl Engine {
                 let last = *a.out.token_ids.last().unwrap_or(&a.req.prompt[plen - 1]);
                 let start = plen + a.out.token_ids.len() - 1;
                 tokens.push(last);
-                segments.push(Segment { seq: a.seq, start, len: 1, relay: None });
+                segments.push(Segment {
+                    seq: a.seq,
+                    start,
+                    len: 1,
+                    relay: None,
+                });
                 wanted.push((ai, row0, RowUse::Sample));
             }
         }
-        let out = self.model.forward(&mut self.cache, &segments, StageInput::Tokens(tokens))?;
+        let out = self
+            .model
+            .forward(&mut self.cache, &segments, StageInput::Tokens(tokens))?;
         for s in &segments {
             if let Some(a) = active.iter_mut().find(|a| a.seq == s.seq) {
                 a.prefilled = a.prefilled.max((s.start + s.len).min(a.req.prompt.len()));
@@ -243,18 +263,19 @@ impl Engine {
         }
         let rows: Vec<usize> = wanted.iter().map(|(_, row, _)| *row).collect();
         let mut samples = Vec::new();
-        self.model.for_each_logits_row(&out.hidden, &rows, self.opts.logits_chunk, |i, logits, lp| {
-            let (ai, _, usage) = wanted[i];
-            let a = &mut active[ai];
-            match usage {
-                RowUse::PromptTarget(t) => {
-                    if let Some(v) = a.out.prompt_logprobs.as_mut() {
-                        v.push(Some(lp[t as usize]));
+        self.model
+            .for_each_logits_row(&out.hidden, &rows, self.opts.logits_chunk, |i, logits, lp| {
+                let (ai, _, usage) = wanted[i];
+                let a = &mut active[ai];
+                match usage {
+                    RowUse::PromptTarget(t) => {
+                        if let Some(v) = a.out.prompt_logprobs.as_mut() {
+                            v.push(Some(lp[t as usize]));
+                        }
                     }
+                    RowUse::Sample => samples.push((ai, sample_row(a, logits, lp))),
                 }
-                RowUse::Sample => samples.push((ai, sample_row(a, logits, lp))),
-            }
-        })?;
+            })?;
         for (ai, picked) in samples {
             self.accept(&mut active[ai], picked);
         }

@@ -234,8 +234,16 @@ mod tests {
 
     fn shapes() -> Vec<LayerCacheShape> {
         vec![
-            LayerCacheShape { latent: 4, rope: 2, index_key: Some(3) },
-            LayerCacheShape { latent: 4, rope: 2, index_key: None },
+            LayerCacheShape {
+                latent: 4,
+                rope: 2,
+                index_key: Some(3),
+            },
+            LayerCacheShape {
+                latent: 4,
+                rope: 2,
+                index_key: None,
+            },
         ]
     }
 

@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use worker::embedded::{ensure_default_model, write_synthetic_model, SyntheticSpec};
-use worker::tokenizer::{missing_tokenizer, TextTokenizer};
 use worker::serve_cli::Arch;
+use worker::tokenizer::{missing_tokenizer, TextTokenizer};
 use worker::{Engine, EngineOptions, GenerationRequest, Model, SamplingParams};
 
 #[derive(Parser)]
@@ -128,7 +128,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let tokenizer = TextTokenizer::from_dir(&dir)?;
     let prompt = match (&a.prompt, a.prompt_ids) {
-        (Some(text), _) => tokenizer.as_ref().ok_or_else(|| missing_tokenizer(&dir))?.encode(text)?,
+        (Some(text), _) => tokenizer
+            .as_ref()
+            .ok_or_else(|| missing_tokenizer(&dir))?
+            .encode(text)?,
         (None, Some(ids)) => ids,
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };

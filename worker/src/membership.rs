@@ -81,7 +81,10 @@ pub async fn keep_registered(endpoints: Vec<String>, prefix: String, record: Wor
 
 async fn register_once(endpoints: &[String], key: &str, value: &str, ttl_s: i64, half: Duration) -> Result<()> {
     let mut client = connect(endpoints).await?;
-    let lease = client.lease_grant(ttl_s, None).await.map_err(|e| etcd_err("lease grant", e))?;
+    let lease = client
+        .lease_grant(ttl_s, None)
+        .await
+        .map_err(|e| etcd_err("lease grant", e))?;
     client
         .put(key, value, Some(PutOptions::new().with_lease(lease.id())))
         .await

@@ -104,10 +104,7 @@ impl IndexPattern {
             let p = match v {
                 Value::String(s) => Self::parse(s, n),
                 Value::Array(items) => {
-                    let s: String = items
-                        .iter()
-                        .map(|x| x.as_str().unwrap_or("?").to_string())
-                        .collect();
+                    let s: String = items.iter().map(|x| x.as_str().unwrap_or("?").to_string()).collect();
                     Self::parse(&s, n)
                 }
                 other => Err(WorkerError::Pattern(format!("expected a string, found {other}"))),
@@ -123,7 +120,10 @@ impl IndexPattern {
             let offset = match raw.get("index_skip_topk_offset").filter(|v| !v.is_null()) {
                 None => 2usize,
                 Some(o) => o.as_u64().ok_or_else(|| {
-                    cfg.field_error("index_skip_topk_offset", format!("expected a non-negative integer, found {o}"))
+                    cfg.field_error(
+                        "index_skip_topk_offset",
+                        format!("expected a non-negative integer, found {o}"),
+                    )
                 })? as usize,
             };
             let kinds = (0..n)

@@ -101,7 +101,11 @@ pub fn decode(data: &[u8], rows: usize, start: usize) -> Result<TopkRows> {
         r.pos += nbytes;
         let mut row = Vec::with_capacity(n);
         let (mut acc, mut bits, mut k) = (0u64, 0u32, 0usize);
-        let mask = if width == 32 { u64::from(u32::MAX) } else { (1u64 << width) - 1 };
+        let mask = if width == 32 {
+            u64::from(u32::MAX)
+        } else {
+            (1u64 << width) - 1
+        };
         let mut prev: Option<u64> = None;
         for _ in 0..n {
             while bits < width {
@@ -157,7 +161,10 @@ mod tests {
         }
         let packed = encode(&rows, start);
         assert_eq!(decode(&packed, rows.len(), start).unwrap(), rows);
-        assert!(packed.len() * 4 < raw_bytes(&rows), "compression must beat raw int32 by 4x");
+        assert!(
+            packed.len() * 4 < raw_bytes(&rows),
+            "compression must beat raw int32 by 4x"
+        );
     }
 
     #[test]

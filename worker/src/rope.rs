@@ -13,9 +13,7 @@ impl RopeTable {
     /// Builds the table for rotary dimension `dim` (even).
     pub fn new(cfg: &RopeConfig, dim: usize) -> Self {
         let half = dim / 2;
-        let pos_freqs: Vec<f64> = (0..half)
-            .map(|i| cfg.theta.powf((2 * i) as f64 / dim as f64))
-            .collect();
+        let pos_freqs: Vec<f64> = (0..half).map(|i| cfg.theta.powf((2 * i) as f64 / dim as f64)).collect();
         let Some(y) = &cfg.yarn else {
             return RopeTable {
                 inv_freq: pos_freqs.iter().map(|p| (1.0 / p) as f32).collect(),
@@ -47,9 +45,7 @@ impl RopeTable {
             .collect();
         let attention_factor = match (y.attention_factor, y.mscale, y.mscale_all_dim) {
             (Some(a), _, _) => a,
-            (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
-                yarn_mscale(y.factor, m) / yarn_mscale(y.factor, ma)
-            }
+            (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => yarn_mscale(y.factor, m) / yarn_mscale(y.factor, ma),
             _ => yarn_mscale(y.factor, 1.0),
         };
         RopeTable {

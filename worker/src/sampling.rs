@@ -36,7 +36,10 @@ impl SamplingParams {
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(WorkerError::invalid("top_p", format!("must be in (0, 1], got {}", self.top_p)));
+            return Err(WorkerError::invalid(
+                "top_p",
+                format!("must be in (0, 1], got {}", self.top_p),
+            ));
         }
         Ok(())
     }
@@ -152,7 +155,12 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_respects_top_k() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let p = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 3, seed: Some(7) };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 3,
+            seed: Some(7),
+        };
         let mut top3: Vec<u32> = (0..50).collect();
         top3.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
         top3.truncate(3);
@@ -171,7 +179,12 @@ mod tests {
     fn top_p_keeps_the_nucleus() {
         // One dominant token holds > 90% of the mass: top_p = 0.5 must always pick it.
         let logits = [10.0, 0.0, 0.0, 0.0];
-        let p = SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: Some(1) };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            top_k: 0,
+            seed: Some(1),
+        };
         let mut rng = Rng::new(1);
         for _ in 0..100 {
             assert_eq!(sample(&logits, &p, &mut rng), 0);
@@ -181,7 +194,12 @@ mod tests {
     #[test]
     fn sampling_matches_the_distribution() {
         let logits = [0.0f32, (2.0f32).ln()]; // probabilities 1/3, 2/3
-        let p = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: Some(3) };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: Some(3),
+        };
         let mut rng = Rng::new(3);
         let ones = (0..30000).filter(|_| sample(&logits, &p, &mut rng) == 1).count();
         let frac = ones as f64 / 30000.0;
@@ -190,9 +208,15 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let p = SamplingParams { temperature: -1.0, ..Default::default() };
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
         assert!(p.validate().unwrap_err().to_string().contains("temperature"));
-        let p = SamplingParams { top_p: 1.5, ..Default::default() };
+        let p = SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        };
         assert!(p.validate().unwrap_err().to_string().contains("top_p"));
     }
 }

@@ -98,13 +98,23 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 model: a.model_name.clone(),
             };
             // Registration runs on its own task for the life of the process.
-            tokio::spawn(keep_registered(endpoints.clone(), a.etcd_prefix.clone(), record, a.lease_ttl));
+            tokio::spawn(keep_registered(
+                endpoints.clone(),
+                a.etcd_prefix.clone(),
+                record,
+                a.lease_ttl,
+            ));
         }
         let assigned = match (a.layer_start.zip(a.layer_end), &a.etcd) {
             (Some(range), _) => range,
             (None, Some(endpoints)) => {
                 let asg = wait_for_assignment(endpoints, &a.etcd_prefix, &a.worker_id).await?;
-                tracing::info!(stage = asg.stage, start = asg.layer_start, end = asg.layer_end, "stage assigned");
+                tracing::info!(
+                    stage = asg.stage,
+                    start = asg.layer_start,
+                    end = asg.layer_end,
+                    "stage assigned"
+                );
                 next = asg.next.clone();
                 (asg.layer_start, asg.layer_end)
             }

@@ -10,7 +10,9 @@ use worker::checkpoint::Checkpoint;
 use worker::{Engine, EngineOptions, GenerationRequest, Model, SamplingParams};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/golden")
+        .join(name)
 }
 
 /// A writable copy of a fixture checkpoint whose tensors pass through `edit` first.
@@ -61,7 +63,10 @@ fn unknown_model_type_and_missing_field_are_named() {
         c.insert("model_type".into(), "llama".into());
     });
     let e = load_err(dir.path(), None);
-    assert!(e.contains("model_type") && e.contains("llama") && e.contains("deepseek_v32"), "{e}");
+    assert!(
+        e.contains("model_type") && e.contains("llama") && e.contains("deepseek_v32"),
+        "{e}"
+    );
     edit_config(dir.path(), |c| {
         c.insert("model_type".into(), "glm_moe_dsa".into());
         c.remove("hidden_size");
@@ -91,10 +96,19 @@ fn wrong_shape_is_named_with_both_shapes() {
     let dir = copy_fixture("glm_pattern", |t| {
         let old = t.remove(name).unwrap();
         let (a, b) = (old.shape[0], old.shape[1]);
-        t.insert(name.into(), TensorData { shape: vec![b, a], ..old });
+        t.insert(
+            name.into(),
+            TensorData {
+                shape: vec![b, a],
+                ..old
+            },
+        );
     });
     let e = load_err(dir.path(), None);
-    assert!(e.contains(name) && e.contains("expected shape") && e.contains("found"), "{e}");
+    assert!(
+        e.contains(name) && e.contains("expected shape") && e.contains("found"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -118,7 +132,10 @@ fn invalid_patterns_are_rejected() {
     let e = load_err(&dir, Some("SFFFFF"));
     assert!(e.contains("layer 0 must be F"), "{e}");
     let e = load_err(&dir, Some("FFFFSF"));
-    assert!(e.contains("layer 2") && e.contains("self_attn.indexer.wq_b.weight"), "{e}");
+    assert!(
+        e.contains("layer 2") && e.contains("self_attn.indexer.wq_b.weight"),
+        "{e}"
+    );
     let e = load_err(&dir, Some("FFSFSQ"));
     assert!(e.contains("character 5"), "{e}");
 }
@@ -138,9 +155,15 @@ fn bad_requests_are_refused_before_any_work() {
     let model = Model::load(&fixture("glm_pattern"), None).unwrap();
     let mut e = Engine::new(model, EngineOptions::default()).unwrap();
     let err = e.generate(vec![request(vec![1, 2, 320], 4)]).unwrap_err().to_string();
-    assert!(err.contains("prompt_ids") && err.contains("320") && err.contains("vocab_size = 320"), "{err}");
+    assert!(
+        err.contains("prompt_ids") && err.contains("320") && err.contains("vocab_size = 320"),
+        "{err}"
+    );
     let err = e.generate(vec![request(vec![1; 510], 8)]).unwrap_err().to_string();
-    assert!(err.contains("max_position_embeddings") && err.contains("512") && err.contains("518"), "{err}");
+    assert!(
+        err.contains("max_position_embeddings") && err.contains("512") && err.contains("518"),
+        "{err}"
+    );
     let err = e.generate(vec![request(vec![], 8)]).unwrap_err().to_string();
     assert!(err.contains("prompt"), "{err}");
     let mut r = request(vec![1, 2], 2);
@@ -183,14 +206,24 @@ fn fused_expert_tensors_load_like_per_expert_ones() {
                 }
                 down.extend(t.remove(&format!("{p}.{j}.down_proj.weight")).unwrap().bytes);
             }
-            let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
-            t.insert(format!("{p}.gate_up_proj"), TensorData::f32(vec![e, 2 * i, d], &f32s(gate_up)));
+            let f32s = |b: Vec<u8>| -> Vec<f32> {
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            };
+            t.insert(
+                format!("{p}.gate_up_proj"),
+                TensorData::f32(vec![e, 2 * i, d], &f32s(gate_up)),
+            );
             t.insert(format!("{p}.down_proj"), TensorData::f32(vec![e, d, i], &f32s(down)));
         }
     });
     let run = |dir: &Path| {
         let mut eng = Engine::new(Model::load(dir, None).unwrap(), EngineOptions::default()).unwrap();
-        eng.generate(vec![request((1..30).collect(), 6)]).unwrap().remove(0).token_ids
+        eng.generate(vec![request((1..30).collect(), 6)])
+            .unwrap()
+            .remove(0)
+            .token_ids
     };
     assert_eq!(run(dir.path()), run(&fixture("glm_pattern")));
 }

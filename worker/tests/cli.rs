@@ -6,7 +6,9 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/golden")
+        .join(name)
 }
 
 fn worker(args: &[&str]) -> Output {
@@ -19,7 +21,12 @@ fn json_ok(out: Output) -> Value {
 }
 
 fn joined(v: &Value) -> String {
-    v.as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[test]
@@ -29,8 +36,17 @@ fn generate_json_matches_the_golden_fixture() {
     let case = &exp["cases"][1];
     let ids = joined(&case["prompt_ids"]);
     let out = json_ok(worker(&[
-        "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids, "--max-new-tokens", "8",
-        "--temperature", "0", "--prompt-logprobs", "--json",
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &ids,
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--prompt-logprobs",
+        "--json",
     ]));
     assert_eq!(out["token_ids"], case["greedy_token_ids"]);
     let lp = out["prompt_logprobs"].as_array().unwrap();
@@ -48,8 +64,18 @@ fn index_pattern_flag_changes_the_model() {
     let exp: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let case = &exp["override_cases"][0];
     let out = json_ok(worker(&[
-        "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", &joined(&case["prompt_ids"]),
-        "--max-new-tokens", "8", "--temperature", "0", "--index-pattern", "FSFSSF", "--json",
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &joined(&case["prompt_ids"]),
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--index-pattern",
+        "FSFSSF",
+        "--json",
     ]));
     assert_eq!(out["token_ids"], case["greedy_token_ids"]);
     assert_eq!(out["index_pattern"], "FSFSSF");
@@ -59,8 +85,22 @@ fn index_pattern_flag_changes_the_model() {
 fn seeded_sampling_is_reproducible() {
     let dir = fixture("glm_pattern");
     let args = [
-        "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "12",
-        "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "42", "--json",
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "5,6,7,8",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "42",
+        "--json",
     ];
     let a = json_ok(worker(&args));
     let b = json_ok(worker(&args));
@@ -72,8 +112,17 @@ fn seeded_sampling_is_reproducible() {
 fn embedded_default_model_takes_text_prompts() {
     for arch in ["deepseek_v32", "glm_moe_dsa"] {
         let out = json_ok(worker(&[
-            "generate", "--arch", arch, "--prompt", "Hello, IndexRelay!", "--max-new-tokens", "5",
-            "--temperature", "0", "--ignore-eos", "--json",
+            "generate",
+            "--arch",
+            arch,
+            "--prompt",
+            "Hello, IndexRelay!",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
         ]));
         let prompt = out["prompt_token_ids"].as_array().unwrap();
         // BOS + one byte-level token per byte.
@@ -89,11 +138,35 @@ fn bad_arguments_fail_with_a_clear_message() {
     let dir = fixture("glm_pattern");
     let d = dir.to_str().unwrap();
     let cases: [(&[&str], &str); 5] = [
-        (&["generate", "--model", d, "--prompt", "hi", "--json"], "tokenizer.json"),
-        (&["generate", "--model", d, "--prompt-ids", "1,999", "--json"], "vocab_size = 320"),
-        (&["generate", "--model", d, "--prompt-ids", "1,2", "--index-pattern", "SF", "--json"], "index pattern"),
-        (&["generate", "--model", d, "--prompt-ids", "1,2", "--temperature", "-1"], "temperature"),
-        (&["generate", "--model", "/nonexistent/model", "--prompt-ids", "1"], "config.json"),
+        (
+            &["generate", "--model", d, "--prompt", "hi", "--json"],
+            "tokenizer.json",
+        ),
+        (
+            &["generate", "--model", d, "--prompt-ids", "1,999", "--json"],
+            "vocab_size = 320",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                d,
+                "--prompt-ids",
+                "1,2",
+                "--index-pattern",
+                "SF",
+                "--json",
+            ],
+            "index pattern",
+        ),
+        (
+            &["generate", "--model", d, "--prompt-ids", "1,2", "--temperature", "-1"],
+            "temperature",
+        ),
+        (
+            &["generate", "--model", "/nonexistent/model", "--prompt-ids", "1"],
+            "config.json",
+        ),
     ];
     for (args, needle) in cases {
         let out = worker(args);

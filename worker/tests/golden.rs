@@ -13,7 +13,9 @@ use worker::{
 const LOGPROB_TOL: f64 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/golden")
+        .join(name)
 }
 
 fn expected(name: &str) -> Value {
@@ -22,7 +24,11 @@ fn expected(name: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn greedy(prompt: Vec<u32>, n: usize) -> GenerationRequest {
@@ -49,10 +55,16 @@ fn check_cases(name: &str, cases: &Value, pattern: Option<&str>, opts: EngineOpt
     let outs = if batched {
         e.generate(reqs).unwrap()
     } else {
-        reqs.into_iter().map(|r| e.generate(vec![r]).unwrap().remove(0)).collect()
+        reqs.into_iter()
+            .map(|r| e.generate(vec![r]).unwrap().remove(0))
+            .collect()
     };
     for (i, (c, o)) in cases.iter().zip(outs).enumerate() {
-        assert_eq!(o.token_ids, ids(&c["greedy_token_ids"]), "{name} case {i}: greedy tokens");
+        assert_eq!(
+            o.token_ids,
+            ids(&c["greedy_token_ids"]),
+            "{name} case {i}: greedy tokens"
+        );
         let want = c["prompt_logprobs"].as_array().unwrap();
         let got = o.prompt_logprobs.unwrap();
         assert_eq!(got.len(), want.len(), "{name} case {i}: one prompt logprob per token");
@@ -61,23 +73,41 @@ fn check_cases(name: &str, cases: &Value, pattern: Option<&str>, opts: EngineOpt
             let (g, w) = (g.unwrap() as f64, w.as_f64().unwrap());
             assert!((g - w).abs() <= LOGPROB_TOL, "{name} case {i} token {j}: {g} vs HF {w}");
         }
-        for (j, (g, w)) in o.token_logprobs.iter().zip(c["generated_logprobs"].as_array().unwrap()).enumerate() {
+        for (j, (g, w)) in o
+            .token_logprobs
+            .iter()
+            .zip(c["generated_logprobs"].as_array().unwrap())
+            .enumerate()
+        {
             let w = w.as_f64().unwrap();
-            assert!((*g as f64 - w).abs() <= LOGPROB_TOL, "{name} case {i} generated {j}: {g} vs HF {w}");
+            assert!(
+                (*g as f64 - w).abs() <= LOGPROB_TOL,
+                "{name} case {i} generated {j}: {g} vs HF {w}"
+            );
         }
     }
     // Every sequence's cache is released once generation ends.
     assert_eq!(e.cache().used_blocks(), 0);
 }
 
-const FIXTURES: [&str; 5] = ["dsv32_dense", "dsv32_pattern", "glm_dense", "glm_pattern", "dsv32_fp8_twin"];
+const FIXTURES: [&str; 5] = [
+    "dsv32_dense",
+    "dsv32_pattern",
+    "glm_dense",
+    "glm_pattern",
+    "dsv32_fp8_twin",
+];
 
 #[test]
 fn greedy_tokens_and_prompt_logprobs_match_hf() {
     for name in FIXTURES {
         let exp = expected(name);
         let model = Model::load(&fixture(name), None).unwrap();
-        assert_eq!(model.pattern().to_string(), exp["pattern"].as_str().unwrap(), "{name}: pattern source");
+        assert_eq!(
+            model.pattern().to_string(),
+            exp["pattern"].as_str().unwrap(),
+            "{name}: pattern source"
+        );
         check_cases(name, &exp["cases"], None, EngineOptions::default(), false);
     }
 }
@@ -101,7 +131,13 @@ fn batched_mixed_lengths_and_small_blocks_match_hf() {
 fn pattern_override_matches_hf() {
     let exp = expected("glm_dense");
     let pattern = exp["override_pattern"].as_str().unwrap();
-    check_cases("glm_dense", &exp["override_cases"], Some(pattern), EngineOptions::default(), false);
+    check_cases(
+        "glm_dense",
+        &exp["override_cases"],
+        Some(pattern),
+        EngineOptions::default(),
+        false,
+    );
 }
 
 #[test]
@@ -111,10 +147,21 @@ fn fp8_block_checkpoint_matches_its_dequantized_twin() {
     // Same tokens and near-identical logprobs as the f32 twin (dequantization is exact).
     let cases = exp["cases"].as_array().unwrap();
     let prompt = ids(&cases[0]["prompt_ids"]);
-    let a = engine("dsv32_fp8", None, EngineOptions::default()).generate(vec![greedy(prompt.clone(), 4)]).unwrap();
-    let b = engine("dsv32_fp8_twin", None, EngineOptions::default()).generate(vec![greedy(prompt, 4)]).unwrap();
+    let a = engine("dsv32_fp8", None, EngineOptions::default())
+        .generate(vec![greedy(prompt.clone(), 4)])
+        .unwrap();
+    let b = engine("dsv32_fp8_twin", None, EngineOptions::default())
+        .generate(vec![greedy(prompt, 4)])
+        .unwrap();
     assert_eq!(a[0].token_ids, b[0].token_ids);
-    for (x, y) in a[0].prompt_logprobs.as_ref().unwrap().iter().zip(b[0].prompt_logprobs.as_ref().unwrap()).skip(1) {
+    for (x, y) in a[0]
+        .prompt_logprobs
+        .as_ref()
+        .unwrap()
+        .iter()
+        .zip(b[0].prompt_logprobs.as_ref().unwrap())
+        .skip(1)
+    {
         assert!((x.unwrap() - y.unwrap()).abs() < 1e-5);
     }
 }
@@ -164,7 +211,11 @@ fn layer_ranges_with_relayed_indices_equal_the_whole_model() {
         assert_eq!(split, whole, "split at {bounds:?} must equal the single-process result");
         let pattern = "FSSFSS".as_bytes();
         for (i, b) in bounds.iter().enumerate() {
-            assert_eq!(relayed[i], pattern[*b] == b'S', "relay sent iff stage at {b} starts on Shared");
+            assert_eq!(
+                relayed[i],
+                pattern[*b] == b'S',
+                "relay sent iff stage at {b} starts on Shared"
+            );
         }
     }
 }
@@ -175,7 +226,12 @@ fn shared_stage_without_relay_is_an_error() {
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let model = Model::load_range(&dir, cfg.clone(), None, LayerRange::new(1, 3)).unwrap();
     let mut cache = model.new_cache(8, 64);
-    let seg = Segment { seq: 1, start: 0, len: 4, relay: None };
+    let seg = Segment {
+        seq: 1,
+        start: 0,
+        len: 4,
+        relay: None,
+    };
     let err = model
         .forward(&mut cache, &[seg], StageInput::Hidden(vec![0.0; 4 * cfg.hidden_size]))
         .unwrap_err()
@@ -198,11 +254,20 @@ fn shared_layers_hold_no_indexer_weights_or_key_cache() {
     }
     let mut cache = model.new_cache(8, 64);
     let prompt = ids(&expected("dsv32_pattern")["cases"][0]["prompt_ids"]);
-    let seg = Segment { seq: 7, start: 0, len: prompt.len(), relay: None };
+    let seg = Segment {
+        seq: 7,
+        start: 0,
+        len: prompt.len(),
+        relay: None,
+    };
     model.forward(&mut cache, &[seg], StageInput::Tokens(prompt)).unwrap();
     for i in 0..pattern.len() {
         let kb = cache.index_key_bytes(i);
-        assert_eq!(kb > 0, pattern.is_full(i), "layer {i}: indexer key cache only on Full layers");
+        assert_eq!(
+            kb > 0,
+            pattern.is_full(i),
+            "layer {i}: indexer key cache only on Full layers"
+        );
     }
     // An all-Full checkpoint overridden to the same pattern also drops the Shared indexers.
     let model = Model::load(&fixture("glm_dense"), Some("FSSFSS")).unwrap();

@@ -6,10 +6,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use kernels::{
-    gemv_t, indexer_topk, matmul_t, select_topk, sparse_mla_attention, IndexerInputs,
-    MlaAttentionInputs,
-};
+use kernels::{gemv_t, indexer_topk, matmul_t, select_topk, sparse_mla_attention, IndexerInputs, MlaAttentionInputs};
 
 /// Deterministic filler (xorshift), so runs are comparable.
 fn fill(n: usize, seed: u64) -> Vec<f32> {
@@ -48,15 +45,8 @@ fn bench_matmul(m: usize, k: usize, n: usize, reps: usize) {
     let x = fill(m * k, 1);
     let w = fill(n * k, 2);
     let mut out = vec![0.0f32; m * n];
-    let t = best(reps, || {
-        matmul_t(black_box(&x), black_box(&w), &mut out, m, k, n)
-    });
-    row(
-        &format!("matmul_t m={m} k={k} n={n}"),
-        t,
-        2.0 * (m * n * k) as f64,
-        "",
-    );
+    let t = best(reps, || matmul_t(black_box(&x), black_box(&w), &mut out, m, k, n));
+    row(&format!("matmul_t m={m} k={k} n={n}"), t, 2.0 * (m * n * k) as f64, "");
 }
 
 fn bench_gemv(k: usize, n: usize) {
@@ -92,10 +82,7 @@ fn bench_indexer(n_keys: usize) {
     };
     let mut out = Vec::new();
     let t = best(5, || indexer_topk(black_box(&inp), &mut out));
-    let flops: f64 = positions
-        .iter()
-        .map(|&p| 2.0 * (heads * dim * (p + 1)) as f64)
-        .sum();
+    let flops: f64 = positions.iter().map(|&p| 2.0 * (heads * dim * (p + 1)) as f64).sum();
     let per_row = t / rows as f64 * 1e6;
     row(
         &format!("indexer_topk {n_keys} keys, {rows} rows, h16 d128 k2048"),
@@ -114,12 +101,7 @@ fn bench_indexer(n_keys: usize) {
     };
     let t = best(20, || indexer_topk(black_box(&inp), &mut out));
     let flops = 2.0 * (heads * dim * n_keys) as f64;
-    row(
-        &format!("indexer_topk {n_keys} keys, 1 row (decode)"),
-        t,
-        flops,
-        "",
-    );
+    row(&format!("indexer_topk {n_keys} keys, 1 row (decode)"), t, flops, "");
 }
 
 fn bench_topk() {
@@ -140,11 +122,7 @@ fn bench_attention(rows: usize, stride: u32) {
     let kpe_blocks: Vec<&[f32]> = kpe.chunks(block_size * rope).collect();
     // Every `stride`-th key, offset per row: spread over the cache like a real selection.
     let selected: Vec<Vec<u32>> = (0..rows)
-        .map(|r| {
-            (0..n_sel as u32)
-                .map(|i| i * stride + (r as u32 % stride))
-                .collect()
-        })
+        .map(|r| (0..n_sel as u32).map(|i| i * stride + (r as u32 % stride)).collect())
         .collect();
     let inp = MlaAttentionInputs {
         q_latent: &q_latent,
@@ -178,10 +156,7 @@ fn main() {
         "kernel-bench: {} rayon threads; best of several runs; attention is h16 r512 p64",
         rayon::current_num_threads()
     );
-    println!(
-        "{:<46} {:>13} {:>17}  extra",
-        "kernel / shape", "time", "throughput"
-    );
+    println!("{:<46} {:>13} {:>17}  extra", "kernel / shape", "time", "throughput");
     if on("matmul") {
         bench_matmul(1024, 1024, 1024, 10);
         bench_matmul(4096, 2048, 2048, 3);

@@ -128,14 +128,7 @@ mod tests {
     }
 
     #[inline(always)]
-    fn both_impl<S: Simd>(
-        s: S,
-        a: &[f32],
-        b: &[f32],
-        c: &[f32],
-        d: &[f32],
-        e: &[f32],
-    ) -> (f32, [f32; 4]) {
+    fn both_impl<S: Simd>(s: S, a: &[f32], b: &[f32], c: &[f32], d: &[f32], e: &[f32]) -> (f32, [f32; 4]) {
         (dot(s, a, b), dot4(s, [a, c, d, e], b))
     }
 
@@ -145,12 +138,8 @@ mod tests {
         for_each_isa(|level| {
             for n in [0, 1, 3, 8, 15, 16, 17, 31, 33, 64, 65, 100, 257] {
                 let v: Vec<Vec<f32>> = (0..5).map(|_| rng.vec(n)).collect();
-                let r = |x: &[f32]| -> f32 {
-                    x.iter()
-                        .zip(&v[1])
-                        .map(|(p, q)| *p as f64 * *q as f64)
-                        .sum::<f64>() as f32
-                };
+                let r =
+                    |x: &[f32]| -> f32 { x.iter().zip(&v[1]).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>() as f32 };
                 let (d, d4) = both(&v[0], &v[1], &v[2], &v[3], &v[4]);
                 let expected = [r(&v[0]), r(&v[2]), r(&v[3]), r(&v[4])];
                 assert!((d - expected[0]).abs() < 1e-4, "{level:?} n={n}");

@@ -11,7 +11,12 @@ use worker::{relay, Architecture, LayerRange, Model, ModelConfig, Segment, Stage
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let contexts: Vec<usize> = flag("--contexts")
         .unwrap_or_else(|| "4096,16384,32768".into())
         .split(',')
@@ -62,9 +67,16 @@ fn main() -> Result<()> {
                     (x % 256) as u32
                 })
                 .collect();
-            let seg = Segment { seq: 1, start, len, relay: None };
+            let seg = Segment {
+                seq: 1,
+                start,
+                len,
+                relay: None,
+            };
             let out = stage0.forward(&mut cache, &[seg], StageInput::Tokens(tokens))?;
-            let r = out.relay[0].as_ref().context("stage before a Shared layer must relay")?;
+            let r = out.relay[0]
+                .as_ref()
+                .context("stage before a Shared layer must relay")?;
             let t0 = Instant::now();
             let bytes = relay::encode(r, start);
             enc_s += t0.elapsed().as_secs_f64();

@@ -51,16 +51,14 @@ impl Checkpoint {
                 file: index.clone(),
                 message: format!("not valid JSON: {e}"),
             })?;
-            let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-                WorkerError::Checkpoint {
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| WorkerError::Checkpoint {
                     file: index.clone(),
                     message: "field `weight_map` is missing or not an object".into(),
-                }
-            })?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect();
+                })?;
+            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
             files.sort();
             files.dedup();
             files
@@ -151,7 +149,13 @@ impl Checkpoint {
         Ok(out)
     }
 
-    fn apply_block_scales(&self, name: &str, shape: &[usize], fp8: Option<Fp8BlockConfig>, w: &mut [f32]) -> Result<()> {
+    fn apply_block_scales(
+        &self,
+        name: &str,
+        shape: &[usize],
+        fp8: Option<Fp8BlockConfig>,
+        w: &mut [f32],
+    ) -> Result<()> {
         let file = self.files[self.entry(name)?.file].0.clone();
         let block = fp8.ok_or_else(|| WorkerError::Checkpoint {
             file: file.clone(),
@@ -205,8 +209,11 @@ fn parse_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Ten
             continue;
         }
         let dtype_str = info.get("dtype").and_then(Value::as_str).unwrap_or("");
-        let dtype = Dtype::parse(dtype_str)
-            .ok_or_else(|| bad(format!("tensor `{name}`: unsupported dtype {dtype_str:?} (supported: F32, BF16, F16, F8_E4M3)")))?;
+        let dtype = Dtype::parse(dtype_str).ok_or_else(|| {
+            bad(format!(
+                "tensor `{name}`: unsupported dtype {dtype_str:?} (supported: F32, BF16, F16, F8_E4M3)"
+            ))
+        })?;
         let shape: Vec<usize> = info
             .get("shape")
             .and_then(Value::as_array)

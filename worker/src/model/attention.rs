@@ -32,13 +32,21 @@ pub fn check_relay(s: &Segment, layer: usize) -> Result<()> {
     let Some(rows) = &s.relay else {
         return Err(WorkerError::invalid(
             "relay",
-            format!("layer {layer} is Shared (S) and starts this range, but no top-k indices were relayed for sequence {}", s.seq),
+            format!(
+                "layer {layer} is Shared (S) and starts this range, but no top-k indices were relayed for sequence {}",
+                s.seq
+            ),
         ));
     };
     if rows.len() != s.len {
         return Err(WorkerError::invalid(
             "relay",
-            format!("sequence {}: {} relayed rows for a segment of {} positions", s.seq, rows.len(), s.len),
+            format!(
+                "sequence {}: {} relayed rows for a segment of {} positions",
+                s.seq,
+                rows.len(),
+                s.len
+            ),
         ));
     }
     for (i, r) in rows.iter().enumerate() {
@@ -47,7 +55,10 @@ pub fn check_relay(s: &Segment, layer: usize) -> Result<()> {
         if r.is_empty() || !sorted || r.last().is_some_and(|&x| x > t) {
             return Err(WorkerError::invalid(
                 "relay",
-                format!("sequence {}: row {i} must be a non-empty ascending subset of [0, {t}]", s.seq),
+                format!(
+                    "sequence {}: row {i} must be a non-empty ascending subset of [0, {t}]",
+                    s.seq
+                ),
             ));
         }
     }
@@ -72,7 +83,13 @@ pub fn forward(
 ) -> Result<Vec<f32>> {
     let c = ctx.cfg;
     let rows: usize = segments.iter().map(|s| s.len).sum();
-    let (h, r, dn, dr, dv) = (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+    let (h, r, dn, dr, dv) = (
+        c.num_attention_heads,
+        c.kv_lora_rank,
+        c.qk_nope_head_dim,
+        c.qk_rope_head_dim,
+        c.v_head_dim,
+    );
     let dq = dn + dr;
 
     let qa = w.q_a.forward(x, rows);
@@ -90,7 +107,15 @@ pub fn forward(
         for i in 0..s.len {
             let pos = s.start + i;
             ctx.rope.cos_sin(pos, &mut cos, &mut sin);
-            rope_rows(&mut q[row * h * dq..(row + 1) * h * dq], dq, dn, dr, &cos, &sin, RopeStyle::Interleaved);
+            rope_rows(
+                &mut q[row * h * dq..(row + 1) * h * dq],
+                dq,
+                dn,
+                dr,
+                &cos,
+                &sin,
+                RopeStyle::Interleaved,
+            );
             let kv_row = &kv[row * (r + dr)..(row + 1) * (r + dr)];
             kernels::rms_norm(&kv_row[..r], &w.kv_a_norm, LATENT_NORM_EPS, &mut ckv);
             kpe.copy_from_slice(&kv_row[r..]);
@@ -110,7 +135,10 @@ pub fn forward(
             if !ok {
                 return Err(WorkerError::invalid(
                     "relay",
-                    format!("layer {} is Shared but no Full layer selected keys for sequence {}", ctx.layer, s.seq),
+                    format!(
+                        "layer {} is Shared but no Full layer selected keys for sequence {}",
+                        ctx.layer, s.seq
+                    ),
                 ));
             }
         }
@@ -201,7 +229,15 @@ fn run_indexer(
             let pos = s.start + i;
             ctx.rope.cos_sin(pos, &mut cos, &mut sin);
             // Each indexer head is [rope | nope]: rope part first.
-            rope_rows(&mut qi[row * hi * di..(row + 1) * hi * di], di, 0, dr, &cos, &sin, style);
+            rope_rows(
+                &mut qi[row * hi * di..(row + 1) * hi * di],
+                di,
+                0,
+                dr,
+                &cos,
+                &sin,
+                style,
+            );
             let k = &mut ki[row * di..(row + 1) * di];
             kernels::apply_rope(&mut k[..dr], &cos, &sin, style);
             cache.write_index_key(ctx.cache_layer, s.seq, pos, k)?;

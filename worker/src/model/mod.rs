@@ -106,17 +106,15 @@ impl Model {
 
     /// Loads layers `range` only: embeddings when it starts at 0, norm and head when it ends
     /// at the last layer. Shared layers load no indexer weights.
-    pub fn load_range(
-        dir: &Path,
-        cfg: ModelConfig,
-        pattern_override: Option<&str>,
-        range: LayerRange,
-    ) -> Result<Self> {
+    pub fn load_range(dir: &Path, cfg: ModelConfig, pattern_override: Option<&str>, range: LayerRange) -> Result<Self> {
         let n = cfg.num_hidden_layers;
         if range.is_empty() || range.end > n {
             return Err(WorkerError::invalid(
                 "layer_range",
-                format!("[{}, {}) is not a non-empty range within 0..{n}", range.start, range.end),
+                format!(
+                    "[{}, {}) is not a non-empty range within 0..{n}",
+                    range.start, range.end
+                ),
             ));
         }
         let (pattern, _) = IndexPattern::resolve(&cfg, pattern_override)?;
@@ -214,7 +212,13 @@ impl Model {
 
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let embed = self.embed.as_ref().ok_or_else(|| {
-            WorkerError::invalid("input", format!("layer range starts at {}, so it takes hidden states, not tokens", self.range.start))
+            WorkerError::invalid(
+                "input",
+                format!(
+                    "layer range starts at {}, so it takes hidden states, not tokens",
+                    self.range.start
+                ),
+            )
         })?;
         let d = self.cfg.hidden_size;
         let mut h = Vec::with_capacity(tokens.len() * d);
@@ -222,7 +226,10 @@ impl Model {
             if t as usize >= self.cfg.vocab_size {
                 return Err(WorkerError::invalid(
                     "prompt_ids",
-                    format!("token id {t} at index {i} is outside the vocabulary (vocab_size = {})", self.cfg.vocab_size),
+                    format!(
+                        "token id {t} at index {i} is outside the vocabulary (vocab_size = {})",
+                        self.cfg.vocab_size
+                    ),
                 ));
             }
             h.extend_from_slice(&embed[t as usize * d..(t as usize + 1) * d]);
@@ -237,7 +244,10 @@ impl Model {
         let mut hidden = match input {
             StageInput::Tokens(t) => {
                 if t.len() != rows {
-                    return Err(WorkerError::invalid("input", format!("{} tokens for {rows} segment rows", t.len())));
+                    return Err(WorkerError::invalid(
+                        "input",
+                        format!("{} tokens for {rows} segment rows", t.len()),
+                    ));
                 }
                 self.embed_tokens(&t)?
             }
@@ -254,13 +264,19 @@ impl Model {
         let first_shared = self.pattern.kind(self.range.start) == LayerKind::Shared;
         for s in segments {
             if s.len == 0 {
-                return Err(WorkerError::invalid("segment.len", format!("sequence {} has an empty segment", s.seq)));
+                return Err(WorkerError::invalid(
+                    "segment.len",
+                    format!("sequence {} has an empty segment", s.seq),
+                ));
             }
             let cached = cache.seq_len(s.seq);
             if s.start != cached {
                 return Err(WorkerError::invalid(
                     "segment.start",
-                    format!("sequence {} starts at {} but {cached} positions are cached", s.seq, s.start),
+                    format!(
+                        "sequence {} starts at {} but {cached} positions are cached",
+                        s.seq, s.start
+                    ),
                 ));
             }
             if s.start + s.len > self.cfg.max_position_embeddings {
@@ -278,7 +294,10 @@ impl Model {
                 attention::check_relay(s, self.range.start)?;
             }
         }
-        let needed: usize = segments.iter().map(|s| cache.blocks_needed(s.seq, s.start + s.len)).sum();
+        let needed: usize = segments
+            .iter()
+            .map(|s| cache.blocks_needed(s.seq, s.start + s.len))
+            .sum();
         if needed > cache.free_blocks() {
             return Err(WorkerError::CacheFull {
                 needed,
@@ -315,8 +334,8 @@ impl Model {
             };
             add_in_place(&mut hidden, &mlp);
         }
-        let next_shared = self.range.end < self.cfg.num_hidden_layers
-            && self.pattern.kind(self.range.end) == LayerKind::Shared;
+        let next_shared =
+            self.range.end < self.cfg.num_hidden_layers && self.pattern.kind(self.range.end) == LayerKind::Shared;
         let relay = if next_shared { topk } else { vec![None; segments.len()] };
         Ok(StageOutput {
             hidden,
@@ -332,7 +351,10 @@ impl Model {
         let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
             return Err(WorkerError::invalid(
                 "logits",
-                format!("layer range ends at {}, before the last layer: it has no head", self.range.end),
+                format!(
+                    "layer range ends at {}, before the last layer: it has no head",
+                    self.range.end
+                ),
             ));
         };
         let mut x = vec![0.0; hidden.len()];

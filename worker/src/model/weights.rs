@@ -141,7 +141,11 @@ impl AttentionWeights {
             q_a: l.linear(&format!("{p}.q_a_proj"), c.q_lora_rank, c.hidden_size)?,
             q_a_norm: l.vector(&format!("{p}.q_a_layernorm.weight"), c.q_lora_rank)?,
             q_b: l.linear(&format!("{p}.q_b_proj"), h * c.qk_head_dim(), c.q_lora_rank)?,
-            kv_a: l.linear(&format!("{p}.kv_a_proj_with_mqa"), r + c.qk_rope_head_dim, c.hidden_size)?,
+            kv_a: l.linear(
+                &format!("{p}.kv_a_proj_with_mqa"),
+                r + c.qk_rope_head_dim,
+                c.hidden_size,
+            )?,
             kv_a_norm: l.vector(&format!("{p}.kv_a_layernorm.weight"), r)?,
             w_uk_t,
             w_uv,

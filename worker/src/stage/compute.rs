@@ -54,9 +54,15 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
     let input = match req.input.take() {
         Some(Input::Tokens(t)) => StageInput::Tokens(t.ids),
         Some(Input::Hidden(h)) => StageInput::Hidden(
-            proto::bytes_to_f32s(&h).ok_or_else(|| WorkerError::invalid("hidden", "length is not a multiple of 4 bytes"))?,
+            proto::bytes_to_f32s(&h)
+                .ok_or_else(|| WorkerError::invalid("hidden", "length is not a multiple of 4 bytes"))?,
         ),
-        None => return Err(WorkerError::invalid("input", "a micro-batch needs tokens or hidden states")),
+        None => {
+            return Err(WorkerError::invalid(
+                "input",
+                "a micro-batch needs tokens or hidden states",
+            ))
+        }
     };
     let out = {
         let mut cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -111,27 +117,29 @@ fn sample_and_score(state: &StageState, segments: &[pb::Segment], hidden: &[f32]
         .collect();
     let rows: Vec<usize> = wanted.iter().map(|w| w.1).collect();
     let mut rngs = state.rngs.lock().unwrap_or_else(|p| p.into_inner());
-    state.model.for_each_logits_row(hidden, &rows, state.logits_chunk, |i, logits, lp| {
-        let (si, _, target) = wanted[i];
-        let r = &mut results[si];
-        match target {
-            Some(t) => r.prompt_logprobs.push(lp[t as usize]),
-            None => {
-                let s = &segments[si];
-                let p = s.sampling.clone().unwrap_or_default();
-                let params = SamplingParams {
-                    temperature: p.temperature,
-                    top_p: if p.top_p > 0.0 { p.top_p } else { 1.0 },
-                    top_k: p.top_k as usize,
-                    seed: Some(p.seed),
-                };
-                let rng = rngs.entry(s.seq).or_insert_with(|| Rng::new(p.seed));
-                let tok = sample(logits, &params, rng);
-                r.token = Some(tok);
-                r.token_logprob = lp[tok as usize];
+    state
+        .model
+        .for_each_logits_row(hidden, &rows, state.logits_chunk, |i, logits, lp| {
+            let (si, _, target) = wanted[i];
+            let r = &mut results[si];
+            match target {
+                Some(t) => r.prompt_logprobs.push(lp[t as usize]),
+                None => {
+                    let s = &segments[si];
+                    let p = s.sampling.clone().unwrap_or_default();
+                    let params = SamplingParams {
+                        temperature: p.temperature,
+                        top_p: if p.top_p > 0.0 { p.top_p } else { 1.0 },
+                        top_k: p.top_k as usize,
+                        seed: Some(p.seed),
+                    };
+                    let rng = rngs.entry(s.seq).or_insert_with(|| Rng::new(p.seed));
+                    let tok = sample(logits, &params, rng);
+                    r.token = Some(tok);
+                    r.token_logprob = lp[tok as usize];
+                }
             }
-        }
-    })?;
+        })?;
     Ok(results)
 }
 

@@ -48,7 +48,10 @@ impl Stage for StageService {
         Ok(Response::new(pb::ForwardAck {}))
     }
 
-    async fn release(&self, req: Request<pb::ReleaseRequest>) -> std::result::Result<Response<pb::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> std::result::Result<Response<pb::ReleaseResponse>, Status> {
         let state = self.state.clone();
         let seqs = req.into_inner().seqs;
         // Locks may be held by a running forward: wait off the executor.
@@ -73,7 +76,13 @@ impl Stage for StageService {
                 kv_blocks_free: cache.free_blocks() as u64,
                 block_size: cache.block_size() as u32,
                 model: state.model_name.clone(),
-                recent_batches: state.spans.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect(),
+                recent_batches: state
+                    .spans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .cloned()
+                    .collect(),
             }
         })
         .await
@@ -83,7 +92,11 @@ impl Stage for StageService {
 }
 
 async fn channel(addr: &str) -> std::result::Result<Channel, tonic::transport::Error> {
-    let uri = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
+    let uri = if addr.starts_with("http") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
     Endpoint::from_shared(uri)?.connect().await
 }
 
@@ -123,7 +136,11 @@ async fn sender(mut rx: mpsc::UnboundedReceiver<Outbound>, next: Option<String>)
     }
 }
 
-async fn report_to_collector(collectors: &mut HashMap<String, CollectorClient<Channel>>, addr: &str, report: pb::TokenReport) {
+async fn report_to_collector(
+    collectors: &mut HashMap<String, CollectorClient<Channel>>,
+    addr: &str,
+    report: pb::TokenReport,
+) {
     if !collectors.contains_key(addr) {
         match channel(addr).await {
             Ok(ch) => {
