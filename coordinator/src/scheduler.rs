@@ -150,10 +150,13 @@ struct Seq {
     blocks: usize,
 }
 
+/// A segment of a micro-batch: (sequence, first position, rows).
+type SegSpan = (u64, usize, usize);
+
 struct Inflight {
     sent: Instant,
     /// (seq, start, len) per segment.
-    segs: Vec<(u64, usize, usize)>,
+    segs: Vec<SegSpan>,
 }
 
 struct State {
@@ -295,7 +298,7 @@ impl State {
         self.healthy.store(self.stage_up.iter().all(|u| *u), Ordering::Relaxed);
     }
 
-    fn build_batch(&mut self) -> Option<(pb::ForwardRequest, Vec<(u64, usize, usize)>)> {
+    fn build_batch(&mut self) -> Option<(pb::ForwardRequest, Vec<SegSpan>)> {
         let mut budget = self.opts.prefill_chunk.max(1);
         let mut segments = Vec::new();
         let mut tokens = Vec::new();
@@ -369,7 +372,7 @@ impl State {
         ))
     }
 
-    async fn send(&mut self, req: pb::ForwardRequest, segs: Vec<(u64, usize, usize)>) {
+    async fn send(&mut self, req: pb::ForwardRequest, segs: Vec<SegSpan>) {
         let batch_id = req.batch_id;
         self.inflight.insert(
             batch_id,

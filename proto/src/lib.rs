@@ -19,7 +19,7 @@ pub fn f32s_to_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Inverse of [`f32s_to_bytes`]; `None` when the length is not a multiple of 4.
 pub fn bytes_to_f32s(b: &[u8]) -> Option<Vec<f32>> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return None;
     }
     Some(

@@ -6,8 +6,7 @@ mod cluster;
 mod etcd;
 mod http;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cluster::{fixture, prompt_cases, Cluster};
@@ -21,7 +20,7 @@ struct Answer {
     prompt_logprobs: Vec<Option<f32>>,
 }
 
-fn local(dir: &PathBuf, reqs: &[(Vec<u32>, usize, SamplingParams)], prompt_logprobs: bool) -> Vec<Answer> {
+fn local(dir: &Path, reqs: &[(Vec<u32>, usize, SamplingParams)], prompt_logprobs: bool) -> Vec<Answer> {
     let mut e = Engine::new(Model::load(dir, None).unwrap(), EngineOptions::default()).unwrap();
     reqs.iter()
         .map(|(p, n, s)| {
@@ -220,7 +219,6 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
     // The cluster still serves after bad input.
     let ok = c.generate(vec![1, 2, 3], 3, greedy(), false).await.unwrap();
     assert_eq!(ok.tokens.len(), 3);
-    let _ = HashMap::<u8, u8>::new();
 }
 
 fn pb_serving() -> i32 {

@@ -155,7 +155,7 @@ mod tests {
                 0 => (0..=t as u32).collect(),
                 1 => vec![t as u32],
                 2 => vec![0],
-                _ => (0..=t as u32).filter(|_| rng.next_u64() % 3 == 0).collect(),
+                _ => (0..=t as u32).filter(|_| rng.next_u64().is_multiple_of(3)).collect(),
             };
             rows.push(if row.is_empty() { vec![t as u32] } else { row });
         }

@@ -44,7 +44,7 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, TensorData>) ->
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut head = serde_json::to_vec(&Value::Object(header)).unwrap_or_default();
     // Pad the header so the data segment is 8-byte aligned, as the reference writer does.
-    while (8 + head.len()) % 8 != 0 {
+    while !(8 + head.len()).is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + head.len() + offset);

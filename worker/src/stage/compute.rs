@@ -126,7 +126,7 @@ fn sample_and_score(state: &StageState, segments: &[pb::Segment], hidden: &[f32]
                 Some(t) => r.prompt_logprobs.push(lp[t as usize]),
                 None => {
                     let s = &segments[si];
-                    let p = s.sampling.clone().unwrap_or_default();
+                    let p = s.sampling.unwrap_or_default();
                     let params = SamplingParams {
                         temperature: p.temperature,
                         top_p: if p.top_p > 0.0 { p.top_p } else { 1.0 },
