@@ -157,6 +157,8 @@ pub struct Ready {
     pub http: SocketAddr,
     /// Worker process ids, in stage order.
     pub worker_pids: Vec<u32>,
+    /// Stage gRPC addresses, in stage order.
+    pub worker_addrs: Vec<String>,
 }
 
 /// Starts the workers and serves gRPC and HTTP until Ctrl-C; reports the bound addresses
@@ -250,6 +252,7 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
         grpc: grpc_addr,
         http: http_addr,
         worker_pids: children.iter().filter_map(|c| c.id()).collect(),
+        worker_addrs: cluster.stages.iter().map(|s| s.addr.clone()).collect(),
     });
     let health_sched = sched.clone();
     tokio::spawn(async move {

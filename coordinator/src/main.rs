@@ -115,6 +115,12 @@ fn main_inner() -> Result<()> {
     rt.block_on(run(opts, |r| {
         // One machine-readable line so scripts and tests know where to connect.
         let pids: Vec<String> = r.worker_pids.iter().map(u32::to_string).collect();
-        println!("READY grpc={} http={} worker_pids={}", r.grpc, r.http, pids.join(","));
+        println!(
+            "READY grpc={} http={} worker_pids={} worker_addrs={}",
+            r.grpc,
+            r.http,
+            pids.join(","),
+            r.worker_addrs.join(",")
+        );
     }))
 }

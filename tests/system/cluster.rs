@@ -47,6 +47,8 @@ pub struct Cluster {
     pub http: String,
     /// Worker process ids, in stage order.
     pub worker_pids: Vec<u32>,
+    /// Stage addresses, in stage order.
+    pub worker_addrs: Vec<String>,
 }
 
 impl Cluster {
@@ -75,11 +77,14 @@ impl Cluster {
         let mut addr = String::new();
         let mut http = String::new();
         let mut worker_pids = Vec::new();
+        let mut worker_addrs = Vec::new();
         for part in line.split_whitespace() {
             if let Some(a) = part.strip_prefix("grpc=") {
                 addr = a.to_string();
             } else if let Some(a) = part.strip_prefix("http=") {
                 http = a.to_string();
+            } else if let Some(a) = part.strip_prefix("worker_addrs=") {
+                worker_addrs = a.split(',').map(str::to_string).collect();
             } else if let Some(p) = part.strip_prefix("worker_pids=") {
                 worker_pids = p.split(',').filter_map(|x| x.parse().ok()).collect();
             }
@@ -92,6 +97,7 @@ impl Cluster {
             addr,
             http,
             worker_pids,
+            worker_addrs,
         }
     }
 

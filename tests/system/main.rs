@@ -224,3 +224,48 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
 fn pb_serving() -> i32 {
     tonic_health::pb::health_check_response::ServingStatus::Serving as i32
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn micro_batches_overlap_across_stages() {
+    // Several micro-batches in flight: while stage k computes batch b, stage k-1 already
+    // computes a later batch. The stages' own span records must show that overlap.
+    let dir = fixture("glm_pattern");
+    let c = Cluster::start(&dir, 3, &[2, 4], &["--prefill-chunk", "16"]).await;
+    let mut tasks = Vec::new();
+    for i in 0..12u32 {
+        let client = c.client();
+        let prompt: Vec<u32> = (0..48).map(|j| (i * 7 + j) % 320).collect();
+        tasks.push(tokio::spawn(async move {
+            cluster::generate_with(client, prompt, 24, greedy(), false).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let mut spans: Vec<(usize, u64, u64)> = Vec::new();
+    for (stage, addr) in c.worker_addrs.iter().enumerate() {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let info = proto::v1::stage_client::StageClient::new(ch)
+            .info(pb::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!info.recent_batches.is_empty(), "stage {stage} computed nothing");
+        spans.extend(
+            info.recent_batches
+                .iter()
+                .map(|b| (stage, b.start_unix_nanos, b.end_unix_nanos)),
+        );
+    }
+    let overlapping = spans
+        .iter()
+        .flat_map(|a| spans.iter().map(move |b| (a, b)))
+        .filter(|(a, b)| a.0 != b.0 && a.1 < b.2 && b.1 < a.2)
+        .count();
+    assert!(
+        overlapping > 0,
+        "no two stages ever computed at the same time: the pipeline ran as a relay race"
+    );
+}
