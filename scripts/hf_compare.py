@@ -34,8 +34,9 @@ that is 1 GiB per tensor (a few alive at once); at 16K it is 16 GiB per tensor.
 ``--mem-limit-gb`` caps the process's address space (RLIMIT_AS), set *after* the model is
 loaded, so an over-large forward fails with an allocation error instead of exhausting the
 machine. The cap actually applied is the smaller of the requested one and "current
-address space + MemAvailable - 2 GiB" (address space bounds resident memory, so this
-keeps at least 2 GiB of the machine free); both are reported.
+address space + MemAvailable - ``--keep-free-gb``" (default 6: address space bounds
+resident memory, so this leaves other work on the machine at least that much); both are
+reported.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt when --ids is not given")
     p.add_argument("--logits-out", help="write the last-position logits here (raw little-endian f32)")
     p.add_argument("--mem-limit-gb", type=float, default=0.0, help="address-space cap for the forward (0: none)")
+    p.add_argument(
+        "--keep-free-gb",
+        type=float,
+        default=6.0,
+        help="with --mem-limit-gb: lower the cap so that this much of MemAvailable stays free",
+    )
     p.add_argument("--experts-implementation", default=None, help="HF experts implementation (default: HF's)")
     p.add_argument("--warmup-tokens", type=int, default=16, help="untimed forward over this many ids first (0: none)")
     return p.parse_args(argv)
@@ -101,11 +108,11 @@ def reset_hwm() -> bool:
         return False
 
 
-def apply_mem_limit(requested_gb: float) -> dict:
-    """Caps RLIMIT_AS at min(requested, VmSize + MemAvailable - 2 GiB)."""
+def apply_mem_limit(requested_gb: float, keep_free_gb: float) -> dict:
+    """Caps RLIMIT_AS at min(requested, VmSize + MemAvailable - keep_free)."""
     requested = int(requested_gb * (1 << 30))
     vm_size = status_kib("VmSize") * 1024
-    safe = vm_size + mem_available_bytes() - (2 << 30)
+    safe = vm_size + mem_available_bytes() - int(keep_free_gb * (1 << 30))
     limit = min(requested, safe)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     return {
@@ -172,7 +179,7 @@ def main(argv) -> int:
     input_ids = torch.tensor([ids], dtype=torch.long)
 
     if args.mem_limit_gb > 0:
-        out.update(apply_mem_limit(args.mem_limit_gb))
+        out.update(apply_mem_limit(args.mem_limit_gb, args.keep_free_gb))
     # Reset the high-water mark so the forward's own peak can be told from the load peak.
     out["hwm_reset"] = reset_hwm()
 

@@ -138,6 +138,13 @@ struct RunArgs {
     /// Run every engine configuration this many times (interleaved) and keep the fastest.
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+    /// Before each engine run, wait until other processes use less than this many cores
+    /// (averaged over 5 s), so that the runs see an otherwise idle machine (0: don't wait).
+    #[arg(long, default_value_t = 0.25)]
+    quiet_below: f64,
+    /// Longest wait for a quiet machine before a run starts anyway (seconds).
+    #[arg(long, default_value_t = 900)]
+    quiet_max_wait: u64,
     /// Write every result as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -318,6 +325,10 @@ struct ChildResult {
     decode_seconds: f64,
     /// Indexer time inside decode.
     decode_indexer_seconds: f64,
+    /// CPU seconds (all threads) of the decode steps.
+    decode_cpu_seconds: f64,
+    /// CPU seconds other processes used on the machine during decode.
+    decode_other_cpu_seconds: f64,
     /// KV-cache storage allocated at the end (bytes).
     cache_bytes: u64,
 }
@@ -336,10 +347,7 @@ fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')').map_or("", |x| x.1);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let f: Vec<f64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
     // `rest` starts at field 3 (the state letter, which does not parse), so field n is f[n - 4].
     match (f.get(10), f.get(11)) {
         (Some(u), Some(s)) => (u + s) / CLOCK_TICKS,
@@ -354,10 +362,7 @@ fn machine_busy_seconds() -> f64 {
     let Some(cpu) = stat.lines().find_map(|l| l.strip_prefix("cpu ")) else {
         return 0.0;
     };
-    let v: Vec<f64> = cpu
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
+    let v: Vec<f64> = cpu.split_whitespace().filter_map(|x| x.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal ...: drop idle (3) and iowait (4).
     let busy: f64 = v
         .iter()
@@ -375,10 +380,8 @@ fn reset_hwm() -> bool {
 }
 
 fn read_prompt(path: &Path) -> Result<Vec<u32>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a JSON array of ids", path.display()))
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a JSON array of ids", path.display()))
 }
 
 fn write_f32(path: &Path, v: &[f32]) -> Result<()> {
@@ -397,8 +400,8 @@ fn read_f32(path: &Path) -> Result<Vec<f32>> {
 /// The child: load, prefill in chunks, optionally decode; print one result line.
 fn child(a: &ChildArgs) -> Result<()> {
     let t = Instant::now();
-    let model = Model::load(&a.model, a.pattern.as_deref())
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let model =
+        Model::load(&a.model, a.pattern.as_deref()).with_context(|| format!("loading {}", a.model.display()))?;
     let load_seconds = t.elapsed().as_secs_f64();
     let rss_after_load = proc_status_bytes("VmRSS");
     let peak_rss_load = proc_status_bytes("VmHWM");
@@ -465,6 +468,7 @@ fn child(a: &ChildArgs) -> Result<()> {
     let first_token = argmax(&logits[..vocab]);
 
     let (mut decode_seconds, mut decode_indexer_seconds) = (0.0, 0.0);
+    let (cpu0, busy0) = (cpu_seconds(), machine_busy_seconds());
     let mut next = first_token;
     for step in 0..a.decode_tokens {
         let seg = Segment {
@@ -480,6 +484,8 @@ fn child(a: &ChildArgs) -> Result<()> {
         decode_seconds += t.elapsed().as_secs_f64();
         decode_indexer_seconds += out.indexer_seconds;
     }
+    let decode_cpu_seconds = cpu_seconds() - cpu0;
+    let decode_other_cpu_seconds = (machine_busy_seconds() - busy0 - decode_cpu_seconds).max(0.0);
 
     let peak_rss_inference = proc_status_bytes("VmHWM");
     let r = ChildResult {
@@ -504,6 +510,8 @@ fn child(a: &ChildArgs) -> Result<()> {
         decode_tokens: a.decode_tokens,
         decode_seconds,
         decode_indexer_seconds,
+        decode_cpu_seconds,
+        decode_other_cpu_seconds,
         cache_bytes: cache.allocated_bytes() as u64,
     };
     println!("{RESULT_MARKER}{}", serde_json::to_string(&r)?);
@@ -673,10 +681,7 @@ fn run_hf(
     }
     let res: HfResult = serde_json::from_str(&last).with_context(|| format!("parsing `{last}`"))?;
     if !status.success() {
-        bail!(
-            "hf_compare.py failed ({status}): {}",
-            res.error.unwrap_or_default()
-        );
+        bail!("hf_compare.py failed ({status}): {}", res.error.unwrap_or_default());
     }
     Ok(res)
 }
@@ -701,31 +706,18 @@ struct FlopModel {
 impl FlopModel {
     fn prefill(s: &ShapeArgs, n: usize, full_layers: usize) -> Self {
         let f = |x: usize| x as f64;
-        let (d, h, r, dn, dr, dv) = (
-            s.hidden,
-            s.heads,
-            s.kv_lora_rank,
-            s.nope_dim,
-            s.rope_dim,
-            s.v_dim,
-        );
-        let per_tok_proj = 2
-            * (d * s.q_lora_rank
-                + s.q_lora_rank * h * (dn + dr)
-                + d * (r + dr)
-                + h * dv * d
-                + h * (dn * r + r * dv));
-        let per_tok_ix =
-            2 * (s.q_lora_rank * s.index_heads * s.index_dim + d * s.index_dim + d * s.index_heads);
+        let (d, h, r, dn, dr, dv) = (s.hidden, s.heads, s.kv_lora_rank, s.nope_dim, s.rope_dim, s.v_dim);
+        let per_tok_proj =
+            2 * (d * s.q_lora_rank + s.q_lora_rank * h * (dn + dr) + d * (r + dr) + h * dv * d + h * (dn * r + r * dv));
+        let per_tok_ix = 2 * (s.q_lora_rank * s.index_heads * s.index_dim + d * s.index_dim + d * s.index_heads);
         // Σ_t min(t + 1, topk) keys attended; Σ_{t ≥ topk} (t + 1) keys scored.
         let attended: f64 = (0..n).map(|t| f((t + 1).min(s.index_topk))).sum();
         let scored: f64 = (s.index_topk.min(n)..n).map(|t| f(t + 1)).sum::<f64>() + 0.0;
         let moe_layers = s.layers.saturating_sub(s.first_k_dense);
         let dense_layers = s.layers - moe_layers;
         let mlp_dense = f(dense_layers) * f(n) * f(6 * d * s.intermediate);
-        let mlp_moe = f(moe_layers)
-            * f(n)
-            * f(6 * d * s.moe_intermediate * (s.experts_per_tok + 1) + 2 * d * s.experts);
+        let mlp_moe =
+            f(moe_layers) * f(n) * f(6 * d * s.moe_intermediate * (s.experts_per_tok + 1) + 2 * d * s.experts);
         FlopModel {
             attn_proj: f(s.layers) * f(n) * f(per_tok_proj),
             attn_core: f(s.layers) * attended * f(h * (2 * (r + dr) + 2 * r)),
@@ -737,12 +729,7 @@ impl FlopModel {
     }
 
     fn total(&self) -> f64 {
-        self.attn_proj
-            + self.attn_core
-            + self.indexer_proj
-            + self.indexer_score
-            + self.mlp
-            + self.head
+        self.attn_proj + self.attn_core + self.indexer_proj + self.indexer_score + self.mlp + self.head
     }
 }
 
@@ -777,10 +764,7 @@ fn machine_info() -> BTreeMap<String, String> {
         ("cpu".into(), cpu),
         ("cores".into(), cores.to_string()),
         ("mem_total".into(), mem),
-        (
-            "rayon_threads".into(),
-            rayon::current_num_threads().to_string(),
-        ),
+        ("rayon_threads".into(), rayon::current_num_threads().to_string()),
         ("loadavg_at_start".into(), load.trim().to_string()),
     ])
 }
@@ -791,11 +775,7 @@ fn mib(b: u64) -> f64 {
 
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
-        .map(|it| {
-            it.filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
+        .map(|it| it.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0)
 }
 
@@ -852,10 +832,7 @@ fn orchestrate(r: &RunArgs) -> Result<()> {
         r.shape.vocab,
         mib(dir_bytes(&model_dir))
     );
-    println!(
-        "- prefill chunk {}, KV block size {}",
-        r.chunk, r.block_size
-    );
+    println!("- prefill chunk {}, KV block size {}", r.chunk, r.block_size);
 
     // One random prompt; every context uses a prefix of it (the same ids go to HF).
     let mut contexts = r.contexts.clone();
@@ -917,25 +894,22 @@ fn orchestrate(r: &RunArgs) -> Result<()> {
 
     print_prefill(r, &patterns, &results, &all);
     print_speedup(&patterns, full_idx, &results);
-    print_decode(r, &patterns, full_idx, &decode_results);
+    print_decode(r, &patterns, full_idx, &decode_results, &all);
 
     if r.hf {
         let fi = full_idx.unwrap_or(0);
         for &c in &r.hf_contexts {
+            if r.quiet_below > 0.0 {
+                wait_for_quiet(r.quiet_below, r.quiet_max_wait);
+            }
             eprintln!("hf: context {c} ...");
             let hf_logits = work.join(format!("hf_logits_{c}.f32"));
             let hf = run_hf(r, &model_dir, &prompt_path, c, Some(&hf_logits), 0.0)?;
             let eng = read_f32(&work.join(format!("engine_logits_{c}.f32")))?;
             let hfl = read_f32(&hf_logits)?;
-            let diff = eng
-                .iter()
-                .zip(&hfl)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let diff = eng.iter().zip(&hfl).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             let scale = hfl.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-            report
-                .hf_logits_max_abs_diff
-                .push((c, diff as f64, scale as f64));
+            report.hf_logits_max_abs_diff.push((c, diff as f64, scale as f64));
             report.hf.push(hf);
         }
         if let Some(c) = r.hf_oom_context {
@@ -943,14 +917,7 @@ fn orchestrate(r: &RunArgs) -> Result<()> {
                 "hf: context {c} under a {} GB address-space limit ...",
                 r.hf_mem_limit_gb
             );
-            report.hf_oom = Some(run_hf(
-                r,
-                &model_dir,
-                &prompt_path,
-                c,
-                None,
-                r.hf_mem_limit_gb,
-            )?);
+            report.hf_oom = Some(run_hf(r, &model_dir, &prompt_path, c, None, r.hf_mem_limit_gb)?);
         }
         print_hf(&report, fi, &results);
     }
@@ -965,6 +932,27 @@ fn orchestrate(r: &RunArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&work);
     }
     Ok(())
+}
+
+/// Waits (up to `max_wait` seconds) until the rest of the machine uses fewer than `below`
+/// cores over a 5 s window; returns the last window's load.
+fn wait_for_quiet(below: f64, max_wait: u64) -> f64 {
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+    let start = Instant::now();
+    loop {
+        let (busy0, own0) = (machine_busy_seconds(), cpu_seconds());
+        std::thread::sleep(WINDOW);
+        let other = (machine_busy_seconds() - busy0 - (cpu_seconds() - own0)) / WINDOW.as_secs_f64();
+        if other < below || start.elapsed().as_secs() >= max_wait {
+            if start.elapsed() > WINDOW {
+                eprintln!(
+                    "  waited {:.0}s for a quiet machine (other load now {other:.2} cores)",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            return other;
+        }
+    }
 }
 
 /// Runs one engine configuration in a child process and logs a one-line summary.
@@ -986,19 +974,14 @@ fn run_engine(
         pattern: p.override_pattern.clone(),
         chunk: r.chunk,
         block_size: r.block_size,
-        decode_tokens: if c == r.decode_context {
-            r.decode_tokens
-        } else {
-            0
-        },
+        decode_tokens: if c == r.decode_context { r.decode_tokens } else { 0 },
         logits_out,
         warmup_tokens: 16,
     };
-    eprintln!(
-        "engine: context {c}, pattern {}, round {} ...",
-        p.label,
-        round + 1
-    );
+    if r.quiet_below > 0.0 {
+        wait_for_quiet(r.quiet_below, r.quiet_max_wait);
+    }
+    eprintln!("engine: context {c}, pattern {}, round {} ...", p.label, round + 1);
     let res = spawn_child(&args)?;
     eprintln!(
         "  prefill {:.2}s (indexer {:.2}s, CPU {:.2}x, other load {:.2}x), peak RSS {:.0} MiB{}",
@@ -1008,10 +991,7 @@ fn run_engine(
         res.prefill_other_cpu_seconds / res.prefill_seconds,
         mib(res.peak_rss),
         if res.decode_tokens > 0 {
-            format!(
-                ", decode {:.2} tok/s",
-                res.decode_tokens as f64 / res.decode_seconds
-            )
+            format!(", decode {:.2} tok/s", res.decode_tokens as f64 / res.decode_seconds)
         } else {
             String::new()
         }
@@ -1087,11 +1067,7 @@ fn print_prefill(
     }
 }
 
-fn print_speedup(
-    patterns: &[PatternChoice],
-    full_idx: Option<usize>,
-    results: &BTreeMap<(usize, usize), ChildResult>,
-) {
+fn print_speedup(patterns: &[PatternChoice], full_idx: Option<usize>, results: &BTreeMap<(usize, usize), ChildResult>) {
     let Some(fi) = full_idx else { return };
     println!("\n### IndexCache prefill speed-up vs the Amdahl bound\n");
     println!(
@@ -1099,9 +1075,10 @@ fn print_speedup(
          measured ≥ 90% of bound.\n"
     );
     println!(
-        "| context | pattern | f | r | bound | measured speed-up | measured / bound | ≥ 90%? |"
+        "| context | pattern | f | r | bound | measured speed-up | measured / bound | ≥ 90%? | \
+         speed-up in CPU seconds (cross-check) |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---|---:|");
     for (&(c, pi), x) in results {
         if pi == fi {
             continue;
@@ -1115,14 +1092,15 @@ fn print_speedup(
         let measured = full.prefill_seconds / x.prefill_seconds;
         let ratio = measured / bound;
         println!(
-            "| {c} | {} | {:.3} | {:.2} | {:.3} | {:.3} | {:.1}% | {} |",
+            "| {c} | {} | {:.3} | {:.2} | {:.3} | {:.3} | {:.1}% | {} | {:.3} |",
             patterns[pi].label,
             f,
             removed,
             bound,
             measured,
             100.0 * ratio,
-            if ratio >= 0.9 { "yes" } else { "no" }
+            if ratio >= 0.9 { "yes" } else { "no" },
+            full.prefill_cpu_seconds / x.prefill_cpu_seconds,
         );
     }
 }
@@ -1132,39 +1110,73 @@ fn print_decode(
     patterns: &[PatternChoice],
     full_idx: Option<usize>,
     results: &BTreeMap<(usize, usize), ChildResult>,
+    all: &BTreeMap<(usize, usize), Vec<ChildResult>>,
 ) {
     if r.decode_context == 0 || r.decode_tokens == 0 {
         return;
     }
     println!(
-        "\n### Decode at {} context ({} greedy tokens, one row per step)\n",
-        r.decode_context, r.decode_tokens
+        "\n### Decode at {} context ({} greedy tokens, one row per step; best of {} run(s))\n",
+        r.decode_context,
+        r.decode_tokens,
+        r.repeats.max(1)
     );
-    println!("| pattern | ms/token | tokens/s | indexer share | speed-up vs all-Full |");
-    println!("|---|---:|---:|---:|---:|");
-    let full_tps = full_idx
-        .and_then(|fi| results.get(&(r.decode_context, fi)))
-        .map(|x| x.decode_tokens as f64 / x.decode_seconds);
+    println!("bound = 1/(1 − r·f) with f the indexer share of all-Full decode; CPU and other load as for prefill.\n");
+    println!(
+        "| pattern | ms/token | tokens/s | indexer share | CPU | other load | speed-up vs all-Full | bound | \
+         speed-up in CPU seconds |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let full = full_idx.and_then(|fi| results.get(&(r.decode_context, fi)));
     for (pi, p) in patterns.iter().enumerate() {
         let Some(x) = results.get(&(r.decode_context, pi)) else {
             continue;
         };
         let tps = x.decode_tokens as f64 / x.decode_seconds;
+        let (speedup, bound, cpu_speedup) = match full {
+            Some(f) => {
+                let share = f.decode_indexer_seconds / f.decode_seconds;
+                (
+                    format!("{:.3}", f.decode_seconds / x.decode_seconds),
+                    format!("{:.3}", 1.0 / (1.0 - p.removed * share)),
+                    format!("{:.3}", f.decode_cpu_seconds / x.decode_cpu_seconds),
+                )
+            }
+            None => ("–".into(), "–".into(), "–".into()),
+        };
         println!(
-            "| {} | {:.1} | {:.2} | {:.1}% | {} |",
+            "| {} | {:.1} | {:.2} | {:.1}% | {:.2} | {:.2} | {speedup} | {bound} | {cpu_speedup} |",
             p.label,
             1e3 * x.decode_seconds / x.decode_tokens as f64,
             tps,
             100.0 * x.decode_indexer_seconds / x.decode_seconds,
-            full_tps.map_or("–".into(), |f| format!("{:.3}", tps / f))
+            x.decode_cpu_seconds / x.decode_seconds,
+            x.decode_other_cpu_seconds / x.decode_seconds,
         );
+    }
+    if r.repeats > 1 {
+        println!("\nEvery run's decode ms/token (other load):\n");
+        for (pi, p) in patterns.iter().enumerate() {
+            let Some(runs) = all.get(&(r.decode_context, pi)) else {
+                continue;
+            };
+            let times: Vec<String> = runs
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{:.1} ({:.2})",
+                        1e3 * x.decode_seconds / x.decode_tokens as f64,
+                        x.decode_other_cpu_seconds / x.decode_seconds
+                    )
+                })
+                .collect();
+            println!("- {}: {}", p.label, times.join(", "));
+        }
     }
 }
 
 fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), ChildResult>) {
-    println!(
-        "\n### Engine vs HF transformers (same checkpoint and prompt ids, all-Full, f32, CPU)\n"
-    );
+    println!("\n### Engine vs HF transformers (same checkpoint and prompt ids, all-Full, f32, CPU)\n");
     if let Some(h) = report.hf.first() {
         println!(
             "HF: transformers {}, eager attention, experts `{}`, {} torch threads, one no-cache forward with \
@@ -1193,17 +1205,13 @@ fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), Child
             mib(h.peak_rss_forward_bytes),
             diff,
             scale,
-            if h.argmax == Some(e.first_token) {
-                "yes"
-            } else {
-                "no"
-            }
+            if h.argmax == Some(e.first_token) { "yes" } else { "no" }
         );
     }
     if let Some(o) = &report.hf_oom {
-        let limit = o.mem_limit_bytes.map_or("none".into(), |b| {
-            format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
-        });
+        let limit = o
+            .mem_limit_bytes
+            .map_or("none".into(), |b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64));
         if o.oom {
             println!(
                 "\nHF at {} context under an address-space limit of {limit}: **out of memory** (`{}`), peak RSS {:.0} MiB.",
@@ -1222,11 +1230,7 @@ fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), Child
     }
 }
 
-fn print_flops(
-    r: &RunArgs,
-    patterns: &[PatternChoice],
-    results: &BTreeMap<(usize, usize), ChildResult>,
-) {
+fn print_flops(r: &RunArgs, patterns: &[PatternChoice], results: &BTreeMap<(usize, usize), ChildResult>) {
     println!("\n### Prefill work by phase (GFLOP computed from the shapes, not measured) and achieved rate\n");
     println!(
         "| context | pattern | attn proj | attn core | indexer proj | indexer score | MLP | total | indexer GFLOP/s | \
@@ -1237,9 +1241,7 @@ fn print_flops(
         let full = patterns[pi]
             .override_pattern
             .as_ref()
-            .map_or(r.shape.layers, |p| {
-                p.chars().filter(|&ch| ch == 'F').count()
-            });
+            .map_or(r.shape.layers, |p| p.chars().filter(|&ch| ch == 'F').count());
         let m = FlopModel::prefill(&r.shape, c, full);
         let g = 1e-9;
         let ix = m.indexer_proj + m.indexer_score;
