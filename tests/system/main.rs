@@ -167,6 +167,22 @@ async fn killed_worker_fails_streams_fast_and_cluster_reports_unhealthy() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
+    // The failed sequence's cache is freed on the surviving workers.
+    for stage in [0, 2] {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{}", c.worker_addrs[stage]))
+            .unwrap()
+            .connect_lazy();
+        let mut sc = proto::v1::stage_client::StageClient::new(ch);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let info = sc.info(pb::InfoRequest {}).await.unwrap().into_inner();
+            if info.kv_blocks_free == info.kv_blocks_total {
+                break;
+            }
+            assert!(Instant::now() < deadline, "stage {stage} still holds cache blocks");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
