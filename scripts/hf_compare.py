@@ -22,7 +22,8 @@ What it does
 * Prints one JSON object on the last line of stdout: load and prefill seconds, peak RSS
   (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, and at least the load-phase peak), RSS
   after loading, the forward's own peak (``VmHWM`` after resetting it through
-  ``/proc/self/clear_refs`` once the model is loaded), and on failure to
+  ``/proc/self/clear_refs`` once the model is loaded), the forward's CPU seconds and the
+  CPU other processes used meanwhile (``other_load``, in cores), and on failure to
   allocate (``oom: true``) the error message. ``--logits-out`` writes the last-position
   logits as raw little-endian float32.
 
@@ -91,6 +92,21 @@ def mem_available_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def machine_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine (all cores; not idle, not iowait) from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def peak_rss_bytes() -> int:
@@ -188,9 +204,14 @@ def main(argv) -> int:
             if args.warmup_tokens > 0:
                 # First-call costs (thread pool start, allocator growth) are not prefill time.
                 model(input_ids=input_ids[:, : args.warmup_tokens], use_cache=False, logits_to_keep=1)
+            busy0, cpu0 = machine_busy_seconds(), own_cpu_seconds()
             t0 = time.perf_counter()
             logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
             out["prefill_seconds"] = time.perf_counter() - t0
+            cpu = own_cpu_seconds() - cpu0
+            out["prefill_cpu_seconds"] = cpu
+            # CPU seconds other processes used during the forward, per wall second.
+            out["other_load"] = max(machine_busy_seconds() - busy0 - cpu, 0.0) / out["prefill_seconds"]
         out["tokens_per_second"] = args.context / out["prefill_seconds"]
         last = logits[0, -1].float().contiguous()
         out["argmax"] = int(last.argmax().item())

@@ -612,6 +612,10 @@ struct HfResult {
     load_seconds: f64,
     /// Prefill forward time (absent on OOM).
     prefill_seconds: Option<f64>,
+    /// CPU seconds of the forward.
+    prefill_cpu_seconds: Option<f64>,
+    /// CPU other processes used during the forward, in cores.
+    other_load: Option<f64>,
     /// Peak RSS, `ru_maxrss` (bytes).
     #[serde(default)]
     peak_rss_bytes: u64,
@@ -1185,20 +1189,23 @@ fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), Child
         );
     }
     println!(
-        "| context | engine s | HF s | HF / engine (target ≥ 5) | engine peak RSS MiB | HF peak RSS MiB | \
-         HF RSS after load / forward peak MiB | last-position logits max abs diff (max abs logit) | same argmax |"
+        "| context | engine s | HF s | HF / engine (target ≥ 5) | other load engine / HF | engine peak RSS MiB | \
+         HF peak RSS MiB | HF RSS after load / forward peak MiB | last-position logits max abs diff (max abs logit) \
+         | same argmax |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for (h, &(c, diff, scale)) in report.hf.iter().zip(&report.hf_logits_max_abs_diff) {
         let Some(e) = results.get(&(c, fi)) else {
             continue;
         };
         let hs = h.prefill_seconds.unwrap_or(f64::NAN);
         println!(
-            "| {c} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} / {:.0} | {:.3e} ({:.2}) | {} |",
+            "| {c} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} / {:.0} | {:.3e} ({:.2}) | {} |",
             e.prefill_seconds,
             hs,
             hs / e.prefill_seconds,
+            e.prefill_other_cpu_seconds / e.prefill_seconds,
+            h.other_load.unwrap_or(f64::NAN),
             mib(e.peak_rss),
             mib(h.peak_rss_bytes),
             mib(h.rss_after_load_bytes),
