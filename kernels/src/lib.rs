@@ -6,6 +6,8 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod indexer;
 pub mod linear;
 pub mod norm;
