@@ -21,7 +21,7 @@ import jsonschema
 import yaml
 
 from gofuncs import FUNCS, GoStruct, TemplateError
-from gotemplate import Template
+from goexec import Template
 
 
 class ChartError(Exception):

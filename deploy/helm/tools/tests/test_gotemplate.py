@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gofuncs import FUNCS, GoStruct, TemplateError, go_float
-from gotemplate import Template
+from goexec import Template
 from helmlite import _go_values
 
 
