@@ -101,6 +101,92 @@ pub(crate) fn matmul_t_with(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: 
     }
 }
 
+/// A strided single-threaded GEMM view: `rows × cols` elements, element `(i, j)` at
+/// `i * row_stride + j * col_stride`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Strided {
+    /// Step between rows.
+    pub row_stride: usize,
+    /// Step between columns.
+    pub col_stride: usize,
+}
+
+impl Strided {
+    /// Row-major with `row_stride` elements per row.
+    pub(crate) fn rows(row_stride: usize) -> Self {
+        Strided { row_stride, col_stride: 1 }
+    }
+
+    /// Column-major with `col_stride` elements per column (a transposed row-major matrix).
+    pub(crate) fn cols(col_stride: usize) -> Self {
+        Strided { row_stride: 1, col_stride }
+    }
+
+    /// Smallest slice length that holds a `rows × cols` view.
+    fn span(self, rows: usize, cols: usize) -> usize {
+        (rows - 1) * self.row_stride + (cols - 1) * self.col_stride + 1
+    }
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]` on the calling thread, every operand a strided view
+/// into a slice (so per-head slices of interleaved activations need no copies). With
+/// `accumulate` the product is added to `dst`, otherwise `dst` is overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    dst: &mut [f32],
+    dst_v: Strided,
+    lhs: &[f32],
+    lhs_v: Strided,
+    rhs: &[f32],
+    rhs_v: Strided,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_v.row_stride + j * dst_v.col_stride] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    // Real checks, not debug ones: `gemm` reads and writes through raw pointers.
+    assert!(
+        dst.len() >= dst_v.span(m, n) && lhs.len() >= lhs_v.span(m, k) && rhs.len() >= rhs_v.span(k, n),
+        "gemm_strided: a view reaches past its slice"
+    );
+    // SAFETY: every element the views address lies inside its slice (asserted above);
+    // `dst` is exclusively borrowed and does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_v.col_stride as isize,
+            dst_v.row_stride as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_v.col_stride as isize,
+            lhs_v.row_stride as isize,
+            rhs.as_ptr(),
+            rhs_v.col_stride as isize,
+            rhs_v.row_stride as isize,
+            if accumulate { 1.0f32 } else { 0.0f32 },
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// `out[n] = w[n×k] · x[k]`: one input vector against an `nn.Linear` weight. Rows of the
 /// output are split across rayon tasks; the kernel streams `w` once, so it is bound by
 /// memory bandwidth rather than arithmetic.

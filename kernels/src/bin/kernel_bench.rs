@@ -6,7 +6,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use kernels::{gemv_t, indexer_topk, matmul_t, select_topk, sparse_mla_attention, IndexerInputs, MlaAttentionInputs};
+use kernels::{
+    gemv_t, indexer_topk, matmul_t, mla_prefill_attention, select_topk, sparse_mla_attention, IndexerInputs,
+    MlaAttentionInputs, MlaDims, MlaKeyPlan, MlaPrefillInputs,
+};
 
 /// Deterministic filler (xorshift), so runs are comparable.
 fn fill(n: usize, seed: u64) -> Vec<f32> {
@@ -148,6 +151,89 @@ fn bench_attention(rows: usize, stride: u32) {
     );
 }
 
+/// A prefill chunk's attention both ways: `rows` rows at positions `start..`, each selecting
+/// every key up to itself while that is at most `topk`, else `topk` keys (every other one
+/// near the row, like an index over a long prompt: the row's own key included).
+fn bench_prefill_attention(rows: usize, start: usize, topk: usize) {
+    let d = MlaDims {
+        heads: 16,
+        kv_rank: 512,
+        nope_dim: 128,
+        rope_dim: 64,
+        v_dim: 128,
+    };
+    let (h, r, dq, block_size) = (d.heads, d.kv_rank, d.nope_dim + d.rope_dim, 64);
+    let n_keys = start + rows;
+    let ckv: Vec<f32> = fill(n_keys * r, 21).iter().map(|v| v * 0.1).collect();
+    let kpe = fill(n_keys * d.rope_dim, 22);
+    let ckv_blocks: Vec<&[f32]> = ckv.chunks(block_size * r).collect();
+    let kpe_blocks: Vec<&[f32]> = kpe.chunks(block_size * d.rope_dim).collect();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let selected: Vec<Vec<u32>> = (0..rows)
+        .map(|i| {
+            let t = (start + i) as u32;
+            if t as usize + 1 <= topk {
+                return (0..=t).collect();
+            }
+            // Random topk - 1 earlier keys plus the row itself.
+            let mut pick: Vec<u32> = (0..t).collect();
+            for j in 0..topk - 1 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let s = j + (rng % (pick.len() - j) as u64) as usize;
+                pick.swap(j, s);
+            }
+            pick.truncate(topk - 1);
+            pick.push(t);
+            pick.sort_unstable();
+            pick
+        })
+        .collect();
+    let plan = MlaKeyPlan::new(&selected);
+    let macs = plan.macs(rows, d);
+    let scale = 192f32.powf(-0.5);
+    let q = fill(rows * h * dq, 23);
+    let kv_b: Vec<f32> = fill(h * (d.nope_dim + d.v_dim) * r, 24).iter().map(|v| v * 0.05).collect();
+    let inp = MlaPrefillInputs {
+        q: &q,
+        ckv_blocks: &ckv_blocks,
+        kpe_blocks: &kpe_blocks,
+        block_size,
+        selected: &selected,
+        plan: &plan,
+        kv_b: &kv_b,
+        dims: d,
+        scale,
+    };
+    let mut out = vec![0.0f32; rows * h * d.v_dim];
+    let t_exp = best(2, || mla_prefill_attention(black_box(&inp), &mut out));
+    let q_latent = fill(rows * h * r, 25);
+    let q_rope = fill(rows * h * d.rope_dim, 26);
+    let abs = MlaAttentionInputs {
+        q_latent: &q_latent,
+        q_rope: &q_rope,
+        ckv_blocks: &ckv_blocks,
+        kpe_blocks: &kpe_blocks,
+        block_size,
+        selected: &selected,
+        heads: h,
+        kv_rank: r,
+        rope_dim: d.rope_dim,
+        scale,
+    };
+    let mut out_abs = vec![0.0f32; rows * h * r];
+    let t_abs = best(2, || sparse_mla_attention(black_box(&abs), &mut out_abs));
+    let name = format!("prefill attn {rows} rows @{start} topk {topk}");
+    row(
+        &format!("{name} expanded"),
+        t_exp,
+        2.0 * macs.expanded,
+        &format!("{:.2}x absorbed kernel", t_abs / t_exp),
+    );
+    row(&format!("{name} absorbed"), t_abs, 2.0 * macs.absorbed, "attention only");
+}
+
 fn main() {
     // An optional argument runs only the benchmarks whose group name contains it.
     let filter = std::env::args().nth(1).unwrap_or_default();
@@ -178,5 +264,11 @@ fn main() {
         bench_attention(1, 1);
         bench_attention(1, 8);
         bench_attention(64, 8);
+    }
+    if on("prefill") {
+        bench_prefill_attention(512, 0, 2048);
+        bench_prefill_attention(512, 1536, 2048);
+        bench_prefill_attention(512, 3584, 2048);
+        bench_prefill_attention(256, 16128, 2048);
     }
 }

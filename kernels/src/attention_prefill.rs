@@ -1,0 +1,400 @@
+//! MLA attention for prefill in expanded (multi-head) form.
+//!
+//! Decode attends one row to its selected keys, and the absorbed kernel in
+//! [`crate::attention`] is the cheap way there: per row × key × head it costs
+//! `2·kv_rank + rope_dim` multiply-adds (1088 for DeepSeek-V3.2's shapes) and expands
+//! nothing. A prefill chunk has many rows that see mostly the same keys, so it pays to
+//! expand each key once through `kv_b_proj` into every head's `k_nope` and `v`
+//! (`kv_rank × heads × (nope + v)` per key) and then run row-block × key-tile GEMMs that
+//! cost `nope + rope + v` per row × key × head (320 for V3.2) at GEMM efficiency. This is
+//! the prefill/decode split vLLM and SGLang make for MLA.
+//!
+//! Keys are visited in tiles over the union of the rows' selections. A block of rows
+//! scores every key of a tile up to its last row's position and masks the keys a row did
+//! not select, so sparse rows pay for the union of their block rather than their own top-k:
+//! [`MlaKeyPlan::macs`] prices both forms so the caller can pick.
+
+use rayon::prelude::*;
+
+use crate::linear::{gemm_strided, matmul_t, Strided};
+use crate::simd::{multiversion, Simd};
+
+/// Query rows per block: the M of the score and value GEMMs.
+const ROW_BLOCK: usize = 128;
+
+/// Keys per tile: a tile's expanded keys (heads × (nope + v) floats each) are computed once
+/// and shared by every row block; 256 keys × 16 heads × 256 floats are 4 MiB.
+const KEY_TILE: usize = 256;
+
+/// Below this `x - max` the exponential is flushed to zero: `exp(-86)` is 4e-38, near the
+/// smallest normal `f32`, and the exponent-bit trick below must not leave the normal range.
+const EXP_FLUSH: f32 = -86.0;
+
+/// Which keys a chunk's rows need, computed once and shared by the cost estimate and the
+/// kernel.
+pub struct MlaKeyPlan {
+    /// Sorted union of every row's selected positions.
+    union: Vec<u32>,
+    /// Per block of [`ROW_BLOCK`] rows, its largest selected position.
+    block_last: Vec<u32>,
+    /// Total selected keys over all rows.
+    selected_total: usize,
+}
+
+/// The shapes that price a chunk's attention.
+#[derive(Clone, Copy, Debug)]
+pub struct MlaDims {
+    /// Attention heads.
+    pub heads: usize,
+    /// Latent (compressed KV) dimension.
+    pub kv_rank: usize,
+    /// Non-rotary part of each head's query/key.
+    pub nope_dim: usize,
+    /// Rotary part of queries and keys.
+    pub rope_dim: usize,
+    /// Value dimension per head.
+    pub v_dim: usize,
+}
+
+/// Multiply-adds of a chunk's attention in each form (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct MlaMacs {
+    /// Absorbed form: query absorption, per-row attention over the selected keys, value
+    /// expansion of the outputs.
+    pub absorbed: f64,
+    /// Expanded form: key expansion of the union, masked block GEMMs.
+    pub expanded: f64,
+}
+
+impl MlaKeyPlan {
+    /// Plans `selected` (per row, sorted ascending, non-empty).
+    pub fn new(selected: &[Vec<u32>]) -> Self {
+        let last = selected.iter().filter_map(|s| s.last()).copied().max();
+        let mut seen = vec![false; last.map_or(0, |l| l as usize + 1)];
+        for row in selected {
+            for &p in row {
+                seen[p as usize] = true;
+            }
+        }
+        let union = (0..seen.len() as u32).filter(|&p| seen[p as usize]).collect();
+        let block_last = selected
+            .chunks(ROW_BLOCK)
+            .map(|b| b.iter().filter_map(|s| s.last()).copied().max().unwrap_or(0))
+            .collect();
+        MlaKeyPlan {
+            union,
+            block_last,
+            selected_total: selected.iter().map(Vec::len).sum(),
+        }
+    }
+
+    /// Prices both forms for `rows` rows (the length of the planned `selected`).
+    pub fn macs(&self, rows: usize, d: MlaDims) -> MlaMacs {
+        let h = d.heads as f64;
+        let absorbed = self.selected_total as f64 * h * (2 * d.kv_rank + d.rope_dim) as f64
+            + rows as f64 * h * (d.kv_rank * (d.nope_dim + d.v_dim)) as f64;
+        let mut pairs = 0.0;
+        for (b, &last) in self.block_last.iter().enumerate() {
+            let block_rows = ROW_BLOCK.min(rows - b * ROW_BLOCK);
+            let keys = self.union.partition_point(|&p| p <= last);
+            pairs += (block_rows * keys) as f64;
+        }
+        let expanded = self.union.len() as f64 * h * (d.kv_rank * (d.nope_dim + d.v_dim)) as f64
+            + pairs * h * (d.nope_dim + d.rope_dim + d.v_dim) as f64;
+        MlaMacs { absorbed, expanded }
+    }
+}
+
+/// Inputs of [`mla_prefill_attention`] for one sequence's chunk.
+pub struct MlaPrefillInputs<'a> {
+    /// rows × heads × (nope_dim + rope_dim) queries, rope part already rotated.
+    pub q: &'a [f32],
+    /// Paged latent cache: block b holds c_kv of positions b*block_size.., each kv_rank
+    /// floats.
+    pub ckv_blocks: &'a [&'a [f32]],
+    /// Paged rope-key cache, same paging, each rope_dim floats.
+    pub kpe_blocks: &'a [&'a [f32]],
+    /// Positions per cache block.
+    pub block_size: usize,
+    /// Per row, the selected key positions (sorted ascending, non-empty).
+    pub selected: &'a [Vec<u32>],
+    /// The plan of `selected` ([`MlaKeyPlan::new`]).
+    pub plan: &'a MlaKeyPlan,
+    /// `kv_b_proj.weight`: heads × (nope_dim + v_dim) rows of kv_rank, each head's key
+    /// rows first.
+    pub kv_b: &'a [f32],
+    /// Shapes.
+    pub dims: MlaDims,
+    /// Softmax scale (qk_head_dim^-0.5, times YaRN mscale² where configured).
+    pub scale: f32,
+}
+
+/// Scratch and running softmax state of one block of rows.
+struct BlockState<'a> {
+    /// rows × heads × v_dim output accumulator (unnormalized until the end).
+    out: &'a mut [f32],
+    /// rows × heads running maximum of the scaled logits.
+    max: &'a mut [f32],
+    /// rows × heads running softmax denominator.
+    denom: &'a mut [f32],
+    /// Per row, the index of the first selected position not yet passed.
+    cursor: &'a mut [usize],
+}
+
+/// out: rows × heads × v_dim, out[r, h] = Σ_s softmax_s(scale · (q[r,h] · k_h[s])) · v_h[s]
+/// over the row's selected positions s, where k_h[s] = [W_uk_h · c_kv[s], k_pe[s]] and
+/// v_h[s] = W_uv_h · c_kv[s]. Same result as the absorbed kernel followed by the value
+/// expansion, in a different order of summation.
+pub fn mla_prefill_attention(inp: &MlaPrefillInputs<'_>, out: &mut [f32]) {
+    let d = inp.dims;
+    let rows = inp.selected.len();
+    let (h, r, dv) = (d.heads, d.kv_rank, d.v_dim);
+    let dkv = d.nope_dim + d.v_dim;
+    debug_assert_eq!(inp.q.len(), rows * h * (d.nope_dim + d.rope_dim), "prefill attention: q shape");
+    debug_assert_eq!(out.len(), rows * h * dv, "prefill attention: out shape");
+    debug_assert_eq!(inp.kv_b.len(), h * dkv * r, "prefill attention: kv_b shape");
+    debug_assert_eq!(inp.plan.block_last.len(), rows.div_ceil(ROW_BLOCK), "prefill attention: plan");
+    if rows == 0 || h == 0 || dv == 0 {
+        return;
+    }
+    out.fill(0.0);
+    let mut max = vec![f32::NEG_INFINITY; rows * h];
+    let mut denom = vec![0.0f32; rows * h];
+    let mut cursor = vec![0usize; rows];
+    let mut ckv = vec![0.0f32; KEY_TILE * r];
+    let mut kpe = vec![0.0f32; KEY_TILE * d.rope_dim];
+    let mut expanded = vec![0.0f32; KEY_TILE * h * dkv];
+    let dq = d.nope_dim + d.rope_dim;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let bs = inp.block_size;
+    for tile in inp.plan.union.chunks(KEY_TILE) {
+        let n = tile.len();
+        for (j, &p) in tile.iter().enumerate() {
+            let (b, o) = (p as usize / bs, p as usize % bs);
+            ckv[j * r..][..r].copy_from_slice(&inp.ckv_blocks[b][o * r..][..r]);
+            kpe[j * d.rope_dim..][..d.rope_dim].copy_from_slice(&inp.kpe_blocks[b][o * d.rope_dim..][..d.rope_dim]);
+        }
+        let e = &mut expanded[..n * h * dkv];
+        matmul_t(&ckv[..n * r], inp.kv_b, e, n, r, h * dkv);
+        // Regroup per head so each GEMM reads one contiguous operand: keys [nope | rope]
+        // (the rope key is shared by every head) and values.
+        keys.resize(h * n * dq, 0.0);
+        values.resize(h * n * dv, 0.0);
+        keys.par_chunks_mut(n * dq)
+            .zip(values.par_chunks_mut(n * dv))
+            .enumerate()
+            .for_each(|(head, (k, v))| {
+                for j in 0..n {
+                    let src = &e[(j * h + head) * dkv..][..dkv];
+                    k[j * dq..][..d.nope_dim].copy_from_slice(&src[..d.nope_dim]);
+                    k[j * dq + d.nope_dim..][..d.rope_dim].copy_from_slice(&kpe[j * d.rope_dim..][..d.rope_dim]);
+                    v[j * dv..][..dv].copy_from_slice(&src[d.nope_dim..]);
+                }
+            });
+        let (keys, values) = (&keys[..h * n * dq], &values[..h * n * dv]);
+        out.par_chunks_mut(ROW_BLOCK * h * dv)
+            .zip(max.par_chunks_mut(ROW_BLOCK * h))
+            .zip(denom.par_chunks_mut(ROW_BLOCK * h))
+            .zip(cursor.par_chunks_mut(ROW_BLOCK))
+            .enumerate()
+            .for_each_init(Scratch::default, |scratch, (b, (((out, max), denom), cursor))| {
+                let mut st = BlockState {
+                    out,
+                    max,
+                    denom,
+                    cursor,
+                };
+                block_tile(inp, b, tile, (keys, values), &mut st, scratch);
+            });
+    }
+    out.par_chunks_mut(dv).zip(denom.par_iter()).for_each(|(o, &l)| {
+        // A row always selects at least one key, so l > 0; guard against 0/0 anyway.
+        let f = if l > 0.0 { 1.0 / l } else { 0.0 };
+        o.iter_mut().for_each(|v| *v *= f);
+    });
+}
+
+/// Per-task buffers of [`block_tile`].
+#[derive(Default)]
+struct Scratch {
+    /// rows × keys scores, then probabilities.
+    scores: Vec<f32>,
+    /// rows × keys: whether the row selected the key.
+    mask: Vec<bool>,
+}
+
+/// Adds key tile `tile` to row block `b`: `keys` is heads × tile × (nope + rope), `values`
+/// heads × tile × v_dim.
+fn block_tile(
+    inp: &MlaPrefillInputs<'_>,
+    b: usize,
+    tile: &[u32],
+    (keys, values): (&[f32], &[f32]),
+    st: &mut BlockState<'_>,
+    scratch: &mut Scratch,
+) {
+    let d = inp.dims;
+    let (h, dv) = (d.heads, d.v_dim);
+    let dq = d.nope_dim + d.rope_dim;
+    let n = tile.len();
+    let rows = st.cursor.len();
+    let row0 = b * ROW_BLOCK;
+    // Keys past the block's last selected position are masked for every row: skip them.
+    let nk = tile.partition_point(|&p| p <= inp.plan.block_last[b]);
+    if nk == 0 {
+        return;
+    }
+    scratch.mask.clear();
+    scratch.mask.resize(rows * nk, false);
+    let mut any = false;
+    for (i, cur) in st.cursor.iter_mut().enumerate() {
+        let sel = &inp.selected[row0 + i];
+        let mask = &mut scratch.mask[i * nk..][..nk];
+        for (m, &p) in mask.iter_mut().zip(&tile[..nk]) {
+            while *cur < sel.len() && sel[*cur] < p {
+                *cur += 1;
+            }
+            *m = *cur < sel.len() && sel[*cur] == p;
+            any |= *m;
+        }
+    }
+    if !any {
+        return;
+    }
+    scratch.scores.resize(rows * nk, 0.0);
+    let s = &mut scratch.scores[..rows * nk];
+    let q = &inp.q[row0 * h * dq..(row0 + rows) * h * dq];
+    for head in 0..h {
+        // Scores: rows × dq queries against the tile's first nk keys (row-major nk × dq,
+        // read as the dq × nk right-hand side).
+        gemm_strided(
+            s,
+            Strided::rows(nk),
+            &q[head * dq..],
+            Strided::rows(h * dq),
+            &keys[head * n * dq..],
+            Strided::cols(dq),
+            (rows, nk, dq),
+            false,
+        );
+        for i in 0..rows {
+            let at = i * h + head;
+            let corr = softmax_tile(
+                &mut s[i * nk..][..nk],
+                &scratch.mask[i * nk..][..nk],
+                inp.scale,
+                &mut st.max[at],
+                &mut st.denom[at],
+            );
+            if corr != 1.0 {
+                st.out[at * dv..][..dv].iter_mut().for_each(|v| *v *= corr);
+            }
+        }
+        // Values: out[i, head] += Σ_j p[i, j] · v_head[j].
+        gemm_strided(
+            &mut st.out[head * dv..],
+            Strided::rows(h * dv),
+            s,
+            Strided::rows(nk),
+            &values[head * n * dv..],
+            Strided::rows(dv),
+            (rows, dv, nk),
+            true,
+        );
+    }
+}
+
+multiversion! {
+    /// Turns one row's raw scores into probabilities under the running maximum `max`
+    /// (updated), adds their sum to `denom` (after rescaling it), and returns the factor
+    /// the row's accumulated output must be multiplied by.
+    fn softmax_tile(s: &mut [f32], mask: &[bool], scale: f32, max: &mut f32, denom: &mut f32) -> f32
+        => softmax_tile_impl
+}
+
+#[inline(always)]
+fn softmax_tile_impl<S: Simd>(
+    _s: S,
+    scores: &mut [f32],
+    mask: &[bool],
+    scale: f32,
+    max: &mut f32,
+    denom: &mut f32,
+) -> f32 {
+    // Lane arrays keep the reductions vectorizable (no reassociation of one scalar chain).
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut chunks = scores.chunks_exact_mut(L).zip(mask.chunks_exact(L));
+    for (c, m) in &mut chunks {
+        for i in 0..L {
+            c[i] = if m[i] { c[i] * scale } else { f32::NEG_INFINITY };
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
+    let tail = scores.len() / L * L;
+    let mut tile_max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for (c, &m) in scores[tail..].iter_mut().zip(&mask[tail..]) {
+        *c = if m { *c * scale } else { f32::NEG_INFINITY };
+        tile_max = tile_max.max(*c);
+    }
+    let new_max = max.max(tile_max);
+    if new_max == f32::NEG_INFINITY {
+        // Nothing selected yet, here or before: probabilities 0, nothing to rescale.
+        scores.fill(0.0);
+        return 1.0;
+    }
+    let corr = if *max == f32::NEG_INFINITY {
+        0.0
+    } else {
+        exp_nonpositive(*max - new_max)
+    };
+    *max = new_max;
+    let mut sums = [0.0f32; L];
+    let mut chunks = scores.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for i in 0..L {
+            c[i] = exp_nonpositive(c[i] - new_max);
+            sums[i] += c[i];
+        }
+    }
+    let mut sum = sums.iter().sum::<f32>();
+    for c in chunks.into_remainder() {
+        *c = exp_nonpositive(*c - new_max);
+        sum += *c;
+    }
+    *denom = *denom * corr + sum;
+    corr
+}
+
+/// `exp(x)` for `x <= 0` (including `-inf`, which gives 0), branch-free so loops over it
+/// vectorize: range reduction by ln 2, a degree-6 polynomial on [-ln2/2, ln2/2], and the
+/// power of two put into the exponent bits. Relative error below 2e-7.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let flush = x < EXP_FLUSH;
+    let x = if flush { EXP_FLUSH } else { x };
+    let n = (x * LOG2E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // Taylor coefficients 1/k!; on |r| <= 0.347 the truncation error is below 1e-7.
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    let bits = p.to_bits() as i32 + ((n as i32) << 23);
+    let v = f32::from_bits(bits as u32);
+    if flush {
+        0.0
+    } else {
+        v
+    }
+}
+
+#[cfg(test)]
+#[path = "attention_prefill_tests.rs"]
+mod tests;
