@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod attention_prefill;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod indexer;
@@ -19,6 +20,7 @@ pub mod topk;
 
 pub use activation::{log_softmax, sigmoid, silu_mul, softmax_in_place};
 pub use attention::{sparse_mla_attention, MlaAttentionInputs};
+pub use attention_prefill::{mla_prefill_attention, MlaDims, MlaKeyPlan, MlaMacs, MlaPrefillInputs};
 pub use indexer::{indexer_topk, IndexerInputs};
 pub use linear::{gemv_t, matmul_t};
 pub use norm::{layer_norm, rms_norm};
