@@ -15,7 +15,7 @@ use tonic::transport::Server;
 use crate::app::App;
 use crate::cluster::{Cluster, StageEndpoint};
 use crate::grpc_api::{CollectorApi, GenerationApi};
-use crate::http_api;
+use crate::http;
 use crate::membership;
 use crate::planner::{self, CostModel};
 use crate::scheduler::{self, SchedulerOptions};
@@ -239,7 +239,7 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
         pattern.clone(),
         sched.clone(),
     )?);
-    let http_router = http_api::router(app.clone(), &o.model_dir);
+    let http_router = http::router(app.clone(), &o.model_dir);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<GenerationServer<GenerationApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -272,7 +272,7 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let http = http_api::serve(http_listener, http_router, shutdown_signal());
+    let http = http::serve(http_listener, http_router, shutdown_signal());
     let grpc = Server::builder()
         .add_service(health_service)
         .add_service(reflection)

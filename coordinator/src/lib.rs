@@ -9,7 +9,7 @@ pub mod app;
 pub mod cluster;
 pub mod error;
 pub mod grpc_api;
-pub mod http_api;
+pub mod http;
 pub mod launcher;
 pub mod membership;
 pub mod metrics;
