@@ -125,13 +125,17 @@ impl GpuKernels {
             .map_err(|e| CudaError::driver("synchronizing", e))
     }
 
+    /// The loaded kernel `name` (an entry of [`super::ALL_SOURCES`]), for callers that launch
+    /// it themselves (cuda-bench's ceiling probes).
+    pub fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| CudaError::Unsupported(format!("kernel {name} is not loaded")))
+    }
+
     /// A launch builder for kernel `name` on the stream.
     pub(crate) fn builder(&self, name: &'static str) -> Result<LaunchArgs<'_>> {
-        let f = self
-            .functions
-            .get(name)
-            .ok_or_else(|| CudaError::Unsupported(format!("kernel {name} is not loaded")))?;
-        Ok(self.stream.launch_builder(f))
+        Ok(self.stream.launch_builder(self.function(name)?))
     }
 }
 

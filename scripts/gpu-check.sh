@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# GPU check for the CUDA kernels, in two halves so the GPU host builds nothing:
+#
+#   scripts/gpu-check.sh prepare [DIR]   # on a build machine (no GPU needed): builds the GPU
+#                                        # parity test binaries and cuda-bench, compiles every
+#                                        # kernel with NVRTC for common architectures into a
+#                                        # kernel cache, strips, and puts it all in DIR
+#   scripts/gpu-check.sh run [DIR]       # on the GPU host: runs the parity tests (--ignored
+#                                        # ones included) and cuda-bench from DIR; needs only
+#                                        # the NVIDIA driver (kernels come from DIR's cache)
+#
+# DIR defaults to target/gpu-check (small enough to carry to a GPU host: a few MiB).
+# `run` writes its logs to $OUT when that is set (the device tool collects it), else DIR/results.
+# Environment: NVRTC must be loadable for `prepare` (LD_LIBRARY_PATH or INDEXRELAY_NVRTC_LIB;
+# .ci/run shows how to get it from PyPI); ARCHES overrides the precompiled architectures;
+# BENCH_ARGS is passed to cuda-bench (default: 32K and 128K contexts, 10 repetitions).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode="${1:-}"
+dir="${2:-target/gpu-check}"
+arches="${ARCHES:-sm_80,sm_86,sm_89,sm_90,sm_100,sm_120}"
+
+prepare() {
+  local target="${CARGO_TARGET_DIR:-target}"
+  rm -rf "$dir" && mkdir -p "$dir/bin" "$dir/kernel-cache"
+  cargo build --release --locked -p kernels --features cuda --bin cuda-bench
+  cp "$target/release/cuda-bench" "$dir/bin/"
+  # The test binaries' paths come from cargo's JSON messages.
+  cargo test --locked -p kernels --features cuda --no-run --message-format=json \
+      --test cuda_parity --test cuda_parity_dsa --test cuda_device \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" "$dir/bin/$name"; done
+  for t in cuda_parity cuda_parity_dsa cuda_device; do
+    test -x "$dir/bin/$t" || { echo "gpu-check: test binary $t was not built" >&2; exit 1; }
+  done
+  strip "$dir"/bin/* 2>/dev/null || true
+  INDEXRELAY_KERNEL_CACHE="$dir/kernel-cache" "$dir/bin/cuda-bench" --precompile "$arches" >/dev/null
+  echo "gpu-check: prepared $dir ($(du -sh "$dir" | cut -f1)): $(ls "$dir/bin" | tr '\n' ' ')"
+}
+
+run() {
+  test -d "$dir/bin" || { echo "gpu-check: $dir/bin is missing; run '$0 prepare' on a build machine first" >&2; exit 1; }
+  local out="${OUT:-$dir/results}"
+  mkdir -p "$out"
+  export INDEXRELAY_KERNEL_CACHE="$dir/kernel-cache"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+  local status=0
+  for t in cuda_device cuda_parity cuda_parity_dsa; do
+    echo "== $t"
+    # --include-ignored: the parity tests are #[ignore]d where there is no GPU.
+    if ! "$dir/bin/$t" --include-ignored --test-threads=1 2>&1 | tee "$out/$t.log"; then
+      status=1
+    fi
+  done
+  echo "== cuda-bench"
+  # shellcheck disable=SC2086
+  if ! "$dir/bin/cuda-bench" ${BENCH_ARGS:-} 2>&1 | tee "$out/cuda-bench.md"; then
+    status=1
+  fi
+  echo "gpu-check: logs in $out; $( [ $status = 0 ] && echo PASSED || echo FAILED )"
+  return $status
+}
+
+case "$mode" in
+  prepare) prepare ;;
+  run) run ;;
+  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
+esac
