@@ -150,10 +150,18 @@ pub fn mla_prefill_attention(inp: &MlaPrefillInputs<'_>, out: &mut [f32]) {
     let rows = inp.selected.len();
     let (h, r, dv) = (d.heads, d.kv_rank, d.v_dim);
     let dkv = d.nope_dim + d.v_dim;
-    debug_assert_eq!(inp.q.len(), rows * h * (d.nope_dim + d.rope_dim), "prefill attention: q shape");
+    debug_assert_eq!(
+        inp.q.len(),
+        rows * h * (d.nope_dim + d.rope_dim),
+        "prefill attention: q shape"
+    );
     debug_assert_eq!(out.len(), rows * h * dv, "prefill attention: out shape");
     debug_assert_eq!(inp.kv_b.len(), h * dkv * r, "prefill attention: kv_b shape");
-    debug_assert_eq!(inp.plan.block_last.len(), rows.div_ceil(ROW_BLOCK), "prefill attention: plan");
+    debug_assert_eq!(
+        inp.plan.block_last.len(),
+        rows.div_ceil(ROW_BLOCK),
+        "prefill attention: plan"
+    );
     if rows == 0 || h == 0 || dv == 0 {
         return;
     }
@@ -219,8 +227,9 @@ pub fn mla_prefill_attention(inp: &MlaPrefillInputs<'_>, out: &mut [f32]) {
 struct Scratch {
     /// rows × keys scores, then probabilities.
     scores: Vec<f32>,
-    /// rows × keys: whether the row selected the key.
-    mask: Vec<bool>,
+    /// rows × keys: 0 where the row selected the key, -inf where it did not (added to the
+    /// logits, which keeps the softmax loop free of branches).
+    mask: Vec<f32>,
 }
 
 /// Adds key tile `tile` to row block `b`: `keys` is heads × tile × (nope + rope), `values`
@@ -245,7 +254,7 @@ fn block_tile(
         return;
     }
     scratch.mask.clear();
-    scratch.mask.resize(rows * nk, false);
+    scratch.mask.resize(rows * nk, f32::NEG_INFINITY);
     let mut any = false;
     for (i, cur) in st.cursor.iter_mut().enumerate() {
         let sel = &inp.selected[row0 + i];
@@ -254,8 +263,9 @@ fn block_tile(
             while *cur < sel.len() && sel[*cur] < p {
                 *cur += 1;
             }
-            *m = *cur < sel.len() && sel[*cur] == p;
-            any |= *m;
+            let hit = *cur < sel.len() && sel[*cur] == p;
+            *m = if hit { 0.0 } else { f32::NEG_INFINITY };
+            any |= hit;
         }
     }
     if !any {
@@ -308,7 +318,7 @@ multiversion! {
     /// Turns one row's raw scores into probabilities under the running maximum `max`
     /// (updated), adds their sum to `denom` (after rescaling it), and returns the factor
     /// the row's accumulated output must be multiplied by.
-    fn softmax_tile(s: &mut [f32], mask: &[bool], scale: f32, max: &mut f32, denom: &mut f32) -> f32
+    fn softmax_tile(s: &mut [f32], mask: &[f32], scale: f32, max: &mut f32, denom: &mut f32) -> f32
         => softmax_tile_impl
 }
 
@@ -316,7 +326,7 @@ multiversion! {
 fn softmax_tile_impl<S: Simd>(
     _s: S,
     scores: &mut [f32],
-    mask: &[bool],
+    mask: &[f32],
     scale: f32,
     max: &mut f32,
     denom: &mut f32,
@@ -327,14 +337,14 @@ fn softmax_tile_impl<S: Simd>(
     let mut chunks = scores.chunks_exact_mut(L).zip(mask.chunks_exact(L));
     for (c, m) in &mut chunks {
         for i in 0..L {
-            c[i] = if m[i] { c[i] * scale } else { f32::NEG_INFINITY };
+            c[i] = c[i] * scale + m[i];
             lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
         }
     }
     let tail = scores.len() / L * L;
     let mut tile_max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     for (c, &m) in scores[tail..].iter_mut().zip(&mask[tail..]) {
-        *c = if m { *c * scale } else { f32::NEG_INFINITY };
+        *c = *c * scale + m;
         tile_max = tile_max.max(*c);
     }
     let new_max = max.max(tile_max);
@@ -376,7 +386,13 @@ fn exp_nonpositive(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     let flush = x < EXP_FLUSH;
     let x = if flush { EXP_FLUSH } else { x };
-    let n = (x * LOG2E).round();
+    // Round to nearest by the 1.5·2²³ trick: `t`'s low mantissa bits then hold n as a
+    // two's-complement integer, read off with a bit cast. Plain adds and bit casts
+    // vectorize; `round()` and the saturating `as i32` do not.
+    const SHIFTER: f32 = 12_582_912.0;
+    let t = x * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
+    let n_int = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
     let r = x - n * LN2_HI - n * LN2_LO;
     // Taylor coefficients 1/k!; on |r| <= 0.347 the truncation error is below 1e-7.
     let p = 1.0 / 720.0;
@@ -386,7 +402,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    let bits = p.to_bits() as i32 + ((n as i32) << 23);
+    let bits = (p.to_bits() as i32).wrapping_add(n_int << 23);
     let v = f32::from_bits(bits as u32);
     if flush {
         0.0
