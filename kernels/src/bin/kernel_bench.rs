@@ -172,7 +172,7 @@ fn bench_prefill_attention(rows: usize, start: usize, topk: usize) {
     let selected: Vec<Vec<u32>> = (0..rows)
         .map(|i| {
             let t = (start + i) as u32;
-            if t as usize + 1 <= topk {
+            if (t as usize) < topk {
                 return (0..=t).collect();
             }
             // Random topk - 1 earlier keys plus the row itself.
@@ -194,7 +194,10 @@ fn bench_prefill_attention(rows: usize, start: usize, topk: usize) {
     let macs = plan.macs(rows, d);
     let scale = 192f32.powf(-0.5);
     let q = fill(rows * h * dq, 23);
-    let kv_b: Vec<f32> = fill(h * (d.nope_dim + d.v_dim) * r, 24).iter().map(|v| v * 0.05).collect();
+    let kv_b: Vec<f32> = fill(h * (d.nope_dim + d.v_dim) * r, 24)
+        .iter()
+        .map(|v| v * 0.05)
+        .collect();
     let inp = MlaPrefillInputs {
         q: &q,
         ckv_blocks: &ckv_blocks,
@@ -231,7 +234,12 @@ fn bench_prefill_attention(rows: usize, start: usize, topk: usize) {
         2.0 * macs.expanded,
         &format!("{:.2}x absorbed kernel", t_abs / t_exp),
     );
-    row(&format!("{name} absorbed"), t_abs, 2.0 * macs.absorbed, "attention only");
+    row(
+        &format!("{name} absorbed"),
+        t_abs,
+        2.0 * macs.absorbed,
+        "attention only",
+    );
 }
 
 fn main() {
