@@ -4,7 +4,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("indexrelay_descriptor.bin"))
         .compile_protos(
-            &["proto/indexrelay/v1/generate.proto", "proto/indexrelay/v1/stage.proto"],
+            &[
+                "proto/indexrelay/v1/generate.proto",
+                "proto/indexrelay/v1/stage.proto",
+                "proto/indexrelay/v1/admin.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

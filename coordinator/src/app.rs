@@ -43,8 +43,6 @@ pub struct App {
     pub vocab_size: usize,
     /// Context limit.
     pub max_context: usize,
-    /// Active IndexCache pattern.
-    pub pattern: String,
     /// Tokenizer, when the model ships one.
     pub tokenizer: Option<Arc<TextTokenizer>>,
     /// The scheduler.
@@ -53,21 +51,20 @@ pub struct App {
 
 impl App {
     /// Reads limits and tokenizer from the model folder.
-    pub fn new(
-        model_dir: &Path,
-        model_name: String,
-        pattern: String,
-        scheduler: SchedulerHandle,
-    ) -> anyhow::Result<Self> {
+    pub fn new(model_dir: &Path, model_name: String, scheduler: SchedulerHandle) -> anyhow::Result<Self> {
         let cfg = worker::ModelConfig::from_dir(model_dir)?;
         Ok(App {
             model_name,
             vocab_size: cfg.vocab_size,
             max_context: cfg.max_position_embeddings,
-            pattern,
             tokenizer: TextTokenizer::from_dir(model_dir)?.map(Arc::new),
             scheduler,
         })
+    }
+
+    /// The active IndexCache pattern (operators may change it at run time).
+    pub fn pattern(&self) -> String {
+        self.scheduler.control().pattern().pattern.to_string()
     }
 
     /// Validates and tokenizes a request.
@@ -154,6 +151,7 @@ impl App {
             seed,
             prompt_logprobs: r.prompt_logprobs,
             ignore_eos: r.ignore_eos,
+            pattern: None,
         })
     }
 }

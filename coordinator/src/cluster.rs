@@ -62,6 +62,21 @@ impl Cluster {
         }
     }
 
+    /// Asks stage `i` to check and load what `pattern` needs (its indexers); the error
+    /// names the stage and the layer.
+    pub async fn prepare_pattern(&self, i: usize, pattern: &str, timeout: Duration) -> Result<Vec<u32>, tonic::Status> {
+        let mut c = self.clients[i].clone();
+        let req = pb::PreparePatternRequest {
+            index_pattern: pattern.to_string(),
+        };
+        match tokio::time::timeout(timeout, c.prepare_pattern(req)).await {
+            Ok(r) => r.map(|r| r.into_inner().loaded_layers),
+            Err(_) => Err(tonic::Status::unavailable(format!(
+                "stage {i} did not prepare the pattern within {timeout:?}"
+            ))),
+        }
+    }
+
     /// Stage `i`'s info, failing after `timeout`.
     pub async fn info(&self, i: usize, timeout: Duration) -> Result<pb::StageInfo, String> {
         let mut c = self.clients[i].clone();

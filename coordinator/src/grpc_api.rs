@@ -109,7 +109,7 @@ impl Generation for GenerationApi {
             models: vec![pb::ModelInfo {
                 id: self.app.model_name.clone(),
                 max_context: self.app.max_context as u32,
-                index_pattern: self.app.pattern.clone(),
+                index_pattern: self.app.pattern(),
             }],
         }))
     }

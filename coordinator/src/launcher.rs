@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use proto::v1::admin_server::AdminServer;
 use proto::v1::collector_server::CollectorServer;
 use proto::v1::generation_server::GenerationServer;
 use tokio::process::{Child, Command};
 use tonic::transport::Server;
 
+use crate::admin::{auth::BearerAuth, AdminApi};
 use crate::app::App;
 use crate::cluster::{Cluster, StageEndpoint};
+use crate::control::ClusterControl;
 use crate::grpc_api::{CollectorApi, GenerationApi};
 use crate::http;
 use crate::membership;
@@ -67,6 +70,8 @@ pub struct LaunchOptions {
     pub etcd_prefix: String,
     /// Program and leading arguments that start a stage server (`worker serve`).
     pub stage_command: (PathBuf, Vec<String>),
+    /// Bearer token the admin API requires (`None`: the admin API is open).
+    pub admin_token: Option<String>,
 }
 
 /// How stages are started: `$INDEXRELAY_WORKER_BIN serve` when set, else this executable's
@@ -231,14 +236,23 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
             report_to: grpc_addr.to_string(),
             kv_blocks,
             block_size,
+            control: Arc::new(ClusterControl::new(
+                &pattern,
+                cluster.stages.iter().map(|s| s.addr.clone()).collect(),
+            )),
         },
     );
-    let app = Arc::new(App::new(
-        &o.model_dir,
-        o.model_name.clone(),
-        pattern.clone(),
-        sched.clone(),
-    )?);
+    let app = Arc::new(App::new(&o.model_dir, o.model_name.clone(), sched.clone())?);
+    let admin = AdminApi {
+        app: app.clone(),
+        cluster: cluster.clone(),
+        num_layers: plan.last().map_or(0, |r| r.end),
+    };
+    // Calibration sets travel in one message.
+    let admin = tonic::service::interceptor::InterceptedService::new(
+        AdminServer::new(admin).max_decoding_message_size(256 << 20),
+        BearerAuth::new(o.admin_token.as_deref()),
+    );
     let http_router = http::router(app.clone(), &o.model_dir);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<GenerationServer<GenerationApi>>().await;
@@ -277,6 +291,7 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GenerationServer::new(GenerationApi { app }))
+        .add_service(admin)
         .add_service(CollectorServer::new(CollectorApi { scheduler: sched }).max_decoding_message_size(usize::MAX))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -5,8 +5,10 @@
 //! It never touches tensors: activations flow worker to worker; the coordinator only sends
 //! token ids to stage 0 and receives sampled tokens from the last stage.
 
+pub mod admin;
 pub mod app;
 pub mod cluster;
+pub mod control;
 pub mod error;
 pub mod grpc_api;
 pub mod http;

@@ -55,6 +55,10 @@ struct Cli {
     /// Most prompt tokens per micro-batch.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Bearer token the admin API (irctl) requires; default: $INDEXRELAY_ADMIN_TOKEN, and
+    /// without either the admin API is open.
+    #[arg(long)]
+    admin_token: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -110,6 +114,7 @@ fn main_inner() -> Result<()> {
         stage_command: default_stage_command(),
         etcd: cli.etcd,
         etcd_prefix: cli.etcd_prefix,
+        admin_token: coordinator::admin::auth::resolve_token(cli.admin_token),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run(opts, |r| {

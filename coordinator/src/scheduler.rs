@@ -16,6 +16,7 @@ use proto::v1::{self as pb, forward_request::Input};
 use tokio::sync::mpsc;
 
 use crate::cluster::Cluster;
+use crate::control::ClusterControl;
 use crate::error::CoordinatorError;
 
 /// A validated, tokenized request.
@@ -37,6 +38,9 @@ pub struct SubmitRequest {
     pub prompt_logprobs: bool,
     /// Ignore end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// IndexCache pattern to run under; `None` takes the active one when submitted (and the
+    /// sequence keeps it to the end).
+    pub pattern: Option<Arc<str>>,
 }
 
 /// Why a sequence finished.
@@ -95,6 +99,8 @@ pub struct SchedulerOptions {
     pub kv_blocks: usize,
     /// Positions per block.
     pub block_size: usize,
+    /// Operator controls (active pattern, drained workers).
+    pub control: Arc<ClusterControl>,
 }
 
 /// Cheap handle to the scheduler task.
@@ -104,13 +110,21 @@ pub struct SchedulerHandle {
     healthy: Arc<AtomicBool>,
     running: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
+    control: Arc<ClusterControl>,
 }
 
 impl SchedulerHandle {
     /// Queues a request; events arrive on the returned receiver. Dropping it cancels.
-    pub fn submit(&self, req: SubmitRequest) -> Result<mpsc::UnboundedReceiver<Event>, CoordinatorError> {
+    /// Refused while a worker is drained; a request without a pattern gets the active one.
+    pub fn submit(&self, mut req: SubmitRequest) -> Result<mpsc::UnboundedReceiver<Event>, CoordinatorError> {
         if !self.healthy() {
             return Err(CoordinatorError::Unavailable("a pipeline stage is down".into()));
+        }
+        if let Some(why) = self.control.admission_blocked() {
+            return Err(CoordinatorError::Unavailable(why));
+        }
+        if req.pattern.is_none() {
+            req.pattern = Some(self.control.pattern().pattern);
         }
         let (tx, rx) = mpsc::unbounded_channel();
         self.tx
@@ -137,6 +151,11 @@ impl SchedulerHandle {
     /// Sequences waiting for KV capacity.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Operator controls (active pattern, drained workers).
+    pub fn control(&self) -> &Arc<ClusterControl> {
+        &self.control
     }
 }
 
@@ -183,6 +202,7 @@ pub fn start(cluster: Arc<Cluster>, opts: SchedulerOptions) -> SchedulerHandle {
         healthy: Arc::new(AtomicBool::new(true)),
         running: Arc::new(AtomicUsize::new(0)),
         waiting: Arc::new(AtomicUsize::new(0)),
+        control: opts.control.clone(),
     };
     let n = cluster.stages.len();
     let mut st = State {
@@ -264,8 +284,12 @@ impl State {
         self.waiting.push_back((id, req, tx, submitted));
     }
 
-    /// Moves waiting requests in while the KV capacity allows (FIFO, no overtaking).
+    /// Moves waiting requests in while the KV capacity allows (FIFO, no overtaking); none
+    /// while a worker is drained.
     fn admit(&mut self) {
+        if self.opts.control.admission_blocked().is_some() {
+            return;
+        }
         while let Some((_, req, _, _)) = self.waiting.front() {
             let need = self.blocks_for(req);
             if self.used_blocks + need > self.opts.kv_blocks {
@@ -349,6 +373,7 @@ impl State {
                 sample_last: ends_prompt && s.req.max_new_tokens > 0,
                 prompt_targets,
                 sampling,
+                index_pattern: s.req.pattern.as_deref().unwrap_or_default().to_string(),
             });
             segs.push((*id, start, len));
             s.in_flight = true;

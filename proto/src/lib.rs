@@ -1,5 +1,6 @@
 //! IndexRelay's wire contract: the public `Generation` service, the internal `Stage` and
-//! `Collector` services, and the encoded descriptor set for server reflection.
+//! `Collector` services, the operators' `Admin` service, and the encoded descriptor set for
+//! server reflection.
 //!
 //! `proto` depends on nothing of ours; `coordinator` and `worker` depend on it.
 

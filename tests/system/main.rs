@@ -2,6 +2,7 @@
 //! exactly what the single-process engine gives, for every split, under concurrency, and
 //! fail cleanly when a worker dies.
 
+mod admin;
 mod cluster;
 mod etcd;
 mod http;

@@ -3,8 +3,10 @@
 //! A block holds `block_size` consecutive positions of one sequence. A block id addresses the
 //! same slot in every layer, so a sequence has one block table for the whole range. Each layer
 //! keeps the MLA latent (`c_kv`, `kv_lora_rank` floats) and the rotated rope key
-//! (`qk_rope_head_dim` floats) per position; only Full layers keep indexer keys
-//! (`index_head_dim` floats), so Shared layers cost no indexer memory at all.
+//! (`qk_rope_head_dim` floats) per position. Indexer keys (`index_head_dim` floats) are kept
+//! only where a sequence runs a layer as Full: each request carries its IndexCache pattern,
+//! so index keys have their own per-layer, per-sequence block tables, allocated on first
+//! write. Shared layers (for that sequence) cost no indexer memory at all.
 
 use std::collections::HashMap;
 
@@ -17,7 +19,8 @@ pub struct LayerCacheShape {
     pub latent: usize,
     /// Rope key width (`qk_rope_head_dim`).
     pub rope: usize,
-    /// Indexer key width, on Full layers only.
+    /// Indexer key width, on layers that are Full under the start-up pattern (capacity
+    /// planning). Other layers learn the width on their first index-key write.
     pub index_key: Option<usize>,
 }
 
@@ -25,7 +28,20 @@ struct LayerStore {
     shape: LayerCacheShape,
     ckv: Vec<f32>,
     kpe: Vec<f32>,
-    index_k: Vec<f32>,
+    index: IndexStore,
+}
+
+/// One layer's indexer keys: blocks of their own, held only by sequences that run the layer
+/// as Full.
+#[derive(Default)]
+struct IndexStore {
+    /// Key width (0 until known).
+    width: usize,
+    data: Vec<f32>,
+    /// Per sequence: its index-key blocks and how many positions hold keys.
+    tables: HashMap<u64, (Vec<u32>, usize)>,
+    free: Vec<u32>,
+    allocated: usize,
 }
 
 /// A sequence's cache bookkeeping.
@@ -67,7 +83,10 @@ impl KvCache {
                     shape,
                     ckv: Vec::new(),
                     kpe: Vec::new(),
-                    index_k: Vec::new(),
+                    index: IndexStore {
+                        width: shape.index_key.unwrap_or(0),
+                        ..IndexStore::default()
+                    },
                 })
                 .collect(),
             free: Vec::new(),
@@ -99,6 +118,17 @@ impl KvCache {
     /// Whether the sequence has cache state here.
     pub fn contains(&self, seq: u64) -> bool {
         self.seqs.contains_key(&seq)
+    }
+
+    /// Sequences holding cache here.
+    pub fn sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Positions of `seq` that hold indexer keys in layer `layer` (0 where the sequence
+    /// runs the layer as Shared).
+    pub fn index_len(&self, layer: usize, seq: u64) -> usize {
+        self.layers[layer].index.tables.get(&seq).map_or(0, |t| t.1)
     }
 
     /// Blocks needed to grow `seq` to `new_len` positions.
@@ -142,9 +172,6 @@ impl KvCache {
         for l in &mut self.layers {
             l.ckv.resize(self.allocated * bs * l.shape.latent, 0.0);
             l.kpe.resize(self.allocated * bs * l.shape.rope, 0.0);
-            if let Some(w) = l.shape.index_key {
-                l.index_k.resize(self.allocated * bs * w, 0.0);
-            }
         }
         id
     }
@@ -153,6 +180,11 @@ impl KvCache {
     pub fn release(&mut self, seq: u64) {
         if let Some(e) = self.seqs.remove(&seq) {
             self.free.extend(e.blocks);
+        }
+        for l in &mut self.layers {
+            if let Some((blocks, _)) = l.index.tables.remove(&seq) {
+                l.index.free.extend(blocks);
+            }
         }
     }
 
@@ -175,13 +207,39 @@ impl KvCache {
         Ok(())
     }
 
-    /// Stores the indexer key of `seq` at `pos` (Full layers only).
+    /// Stores the indexer key of `seq` at `pos` in layer `layer` (where the sequence runs it
+    /// as Full), allocating the sequence's index-key blocks on demand.
     pub fn write_index_key(&mut self, layer: usize, seq: u64, pos: usize, key: &[f32]) -> Result<()> {
-        let slot = self.slot(seq, pos)?;
-        let l = &mut self.layers[layer];
-        let w = l.shape.index_key.unwrap_or(0);
-        debug_assert_eq!(w, key.len());
-        l.index_k[slot * w..(slot + 1) * w].copy_from_slice(key);
+        // Index keys only exist for positions the sequence has main-cache blocks for.
+        self.slot(seq, pos)?;
+        let bs = self.block_size;
+        let ix = &mut self.layers[layer].index;
+        if ix.width == 0 {
+            ix.width = key.len();
+        }
+        let w = ix.width;
+        if key.len() != w {
+            return Err(WorkerError::invalid(
+                "index_key",
+                format!("layer {layer}: key of {} values, expected {w}", key.len()),
+            ));
+        }
+        let blocks_needed = pos / bs + 1;
+        while ix.tables.get(&seq).map_or(0, |t| t.0.len()) < blocks_needed {
+            let id = match ix.free.pop() {
+                Some(id) => id,
+                None => {
+                    ix.allocated += 1;
+                    ix.data.resize(ix.allocated * bs * w, 0.0);
+                    (ix.allocated - 1) as u32
+                }
+            };
+            ix.tables.entry(seq).or_default().0.push(id);
+        }
+        let table = ix.tables.entry(seq).or_default();
+        table.1 = table.1.max(pos + 1);
+        let slot = table.0[pos / bs] as usize * bs + pos % bs;
+        ix.data[slot * w..(slot + 1) * w].copy_from_slice(key);
         Ok(())
     }
 
@@ -199,23 +257,25 @@ impl KvCache {
                 .map(|b| &data[*b as usize * bs * w..(*b as usize + 1) * bs * w])
                 .collect()
         }
+        let index_blocks = l.index.tables.get(&seq).map_or(&[][..], |t| &t.0[..]);
         Ok(LayerBlocks {
             ckv: view(&e.blocks, &l.ckv, bs, l.shape.latent),
             kpe: view(&e.blocks, &l.kpe, bs, l.shape.rope),
-            index_k: view(&e.blocks, &l.index_k, bs, l.shape.index_key.unwrap_or(0)),
+            index_k: view(index_blocks, &l.index.data, bs, l.index.width),
         })
     }
 
-    /// Bytes of storage allocated for indexer keys in layer `layer` (0 on Shared layers).
+    /// Bytes of storage allocated for indexer keys in layer `layer` (0 where no sequence
+    /// ran it as Full).
     pub fn index_key_bytes(&self, layer: usize) -> usize {
-        self.layers[layer].index_k.capacity() * 4
+        self.layers[layer].index.data.capacity() * 4
     }
 
     /// Bytes of storage allocated in total.
     pub fn allocated_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.ckv.capacity() + l.kpe.capacity() + l.index_k.capacity()) * 4)
+            .map(|l| (l.ckv.capacity() + l.kpe.capacity() + l.index.data.capacity()) * 4)
             .sum()
     }
 
@@ -273,7 +333,41 @@ mod tests {
     fn shared_layers_hold_no_index_keys() {
         let mut c = KvCache::new(shapes(), 4, 8);
         c.grow(1, 16).unwrap();
+        for pos in 0..16 {
+            c.write_index_key(0, 1, pos, &[pos as f32; 3]).unwrap();
+        }
         assert!(c.index_key_bytes(0) >= 16 * 3 * 4);
         assert_eq!(c.index_key_bytes(1), 0);
+        assert_eq!(c.index_len(0, 1), 16);
+        assert_eq!(c.index_len(1, 1), 0);
+    }
+
+    #[test]
+    fn index_keys_are_per_sequence_and_freed_with_it() {
+        let mut c = KvCache::new(shapes(), 4, 8);
+        c.grow(1, 6).unwrap();
+        c.grow(2, 6).unwrap();
+        // Layer 1 (Shared by default) is Full for sequence 2 only.
+        for pos in 0..6 {
+            c.write_index_key(1, 2, pos, &[pos as f32 + 0.25; 3]).unwrap();
+        }
+        assert!(c.layer_blocks(1, 1).unwrap().index_k.is_empty());
+        let b = c.layer_blocks(1, 2).unwrap();
+        assert_eq!(b.index_k.len(), 2);
+        assert_eq!(b.index_k[1][3], 5.25); // position 5 = block 1, offset 1, first value
+        let bytes = c.index_key_bytes(1);
+        c.release(2);
+        assert_eq!(c.index_len(1, 2), 0);
+        // Freed index blocks are reused: a new sequence does not grow the store.
+        c.grow(3, 6).unwrap();
+        for pos in 0..6 {
+            c.write_index_key(1, 3, pos, &[1.0; 3]).unwrap();
+        }
+        assert_eq!(c.index_key_bytes(1), bytes);
+        assert!(c.write_index_key(1, 3, 0, &[1.0; 2]).is_err());
+        assert!(
+            c.write_index_key(1, 3, 9, &[1.0; 3]).is_err(),
+            "no main block for position 9"
+        );
     }
 }

@@ -6,9 +6,11 @@
 
 mod attention;
 mod moe;
+mod per_request;
 pub mod weights;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -16,7 +18,8 @@ use crate::error::{Result, WorkerError};
 use crate::kv_cache::{KvCache, LayerCacheShape};
 use crate::pattern::{IndexPattern, LayerKind};
 use crate::rope::RopeTable;
-use weights::{LayerWeights, Linear, Loader, Mlp};
+use per_request::run_group;
+use weights::{IndexerWeights, LayerWeights, Linear, Loader, Mlp};
 
 /// Top-k key positions per query row of a segment (each row sorted ascending).
 pub type TopkRows = Vec<Vec<u32>>;
@@ -85,12 +88,21 @@ pub struct StageOutput {
 }
 
 /// The model restricted to one layer range.
+///
+/// `pattern` is the start-up IndexCache pattern: its Full layers' indexers are loaded with
+/// the model. A forward pass may run each segment under its own pattern
+/// ([`Model::forward_with_patterns`]); an indexer that pattern needs is then loaded from the
+/// checkpoint on first use (or ahead of time by [`Model::prepare_pattern`]).
 pub struct Model {
     cfg: ModelConfig,
     pattern: IndexPattern,
     range: LayerRange,
+    dir: PathBuf,
     embed: Option<Vec<f32>>,
+    /// Layer weights; their attention views carry no indexer (see `indexers`).
     layers: Vec<LayerWeights>,
+    /// Per layer of the range, its indexer once loaded.
+    indexers: Vec<OnceLock<std::sync::Arc<IndexerWeights>>>,
     norm: Option<Vec<f32>>,
     lm_head: Option<Linear>,
     rope: RopeTable,
@@ -129,9 +141,19 @@ impl Model {
         }
         let l = Loader { ckpt: &ckpt, cfg: &cfg };
         let d = cfg.hidden_size;
-        let layers = (range.start..range.end)
+        let mut layers = (range.start..range.end)
             .map(|i| LayerWeights::load(&l, i, pattern.is_full(i)))
             .collect::<Result<Vec<_>>>()?;
+        let indexers = layers
+            .iter_mut()
+            .map(|lw| {
+                let cell = OnceLock::new();
+                if let Some(ix) = lw.attn.indexer.take() {
+                    let _ = cell.set(ix);
+                }
+                cell
+            })
+            .collect();
         let first = range.start == 0;
         let last = range.end == n;
         let embed = if first || (last && cfg.tie_word_embeddings) {
@@ -159,7 +181,9 @@ impl Model {
             cfg,
             pattern,
             range,
+            dir: dir.to_path_buf(),
             layers,
+            indexers,
             norm,
             lm_head,
             rope,
@@ -186,11 +210,12 @@ impl Model {
         self.lm_head.is_some()
     }
 
-    /// Bytes of indexer weights held by each loaded layer (0 on Shared layers).
+    /// Bytes of indexer weights held by each loaded layer (0 where no pattern used so far
+    /// made the layer Full).
     pub fn indexer_weight_bytes(&self) -> Vec<usize> {
-        self.layers
+        self.indexers
             .iter()
-            .map(|l| l.attn.indexer.as_ref().map_or(0, |ix| ix.bytes()))
+            .map(|ix| ix.get().map_or(0, |ix| ix.bytes()))
             .collect()
     }
 
@@ -237,9 +262,30 @@ impl Model {
         Ok(h)
     }
 
-    /// Runs the range over a batch of segments, updating their cache entries.
+    /// Runs the range over a batch of segments under the start-up pattern, updating their
+    /// cache entries.
     pub fn forward(&self, cache: &mut KvCache, segments: &[Segment], input: StageInput) -> Result<StageOutput> {
+        let patterns = vec![&self.pattern; segments.len()];
+        self.forward_with_patterns(cache, segments, &patterns, input)
+    }
+
+    /// Runs the range over a batch of segments, segment `i` under `patterns[i]` (a sequence
+    /// must keep one pattern for its whole life: a change is refused, since its cached
+    /// indexer keys would not match).
+    pub fn forward_with_patterns(
+        &self,
+        cache: &mut KvCache,
+        segments: &[Segment],
+        patterns: &[&IndexPattern],
+        input: StageInput,
+    ) -> Result<StageOutput> {
         let d = self.cfg.hidden_size;
+        if patterns.len() != segments.len() {
+            return Err(WorkerError::invalid(
+                "index_pattern",
+                format!("{} patterns for {} segments", patterns.len(), segments.len()),
+            ));
+        }
         let rows: usize = segments.iter().map(|s| s.len).sum();
         let mut hidden = match input {
             StageInput::Tokens(t) => {
@@ -261,8 +307,8 @@ impl Model {
                 h
             }
         };
-        let first_shared = self.pattern.kind(self.range.start) == LayerKind::Shared;
-        for s in segments {
+        let n_layers = self.cfg.num_hidden_layers;
+        for (s, p) in segments.iter().zip(patterns) {
             if s.len == 0 {
                 return Err(WorkerError::invalid(
                     "segment.len",
@@ -290,10 +336,38 @@ impl Model {
                     ),
                 ));
             }
-            if first_shared {
+            if p.len() != n_layers {
+                return Err(WorkerError::Pattern(format!(
+                    "sequence {}: has {} entries but the model has num_hidden_layers = {n_layers}",
+                    s.seq,
+                    p.len()
+                )));
+            }
+            if p.kind(self.range.start) == LayerKind::Shared {
                 attention::check_relay(s, self.range.start)?;
             }
+            for (li, layer) in (self.range.start..self.range.end).enumerate() {
+                let keys = cache.index_len(li, s.seq);
+                let expected = if p.is_full(layer) { s.start } else { 0 };
+                if keys != expected {
+                    return Err(WorkerError::Pattern(format!(
+                        "sequence {} changed its IndexCache pattern mid-sequence at layer {layer} (now {}): a sequence keeps the pattern it started with",
+                        s.seq, p
+                    )));
+                }
+            }
         }
+        // Per layer, the indexer when some segment runs it as Full (loaded now, before the
+        // cache changes, so a missing indexer fails the batch cleanly).
+        let layer_indexers = (self.range.start..self.range.end)
+            .map(|layer| {
+                if patterns.iter().any(|p| p.is_full(layer)) {
+                    self.indexer(layer).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         let needed: usize = segments
             .iter()
             .map(|s| cache.blocks_needed(s.seq, s.start + s.len))
@@ -320,10 +394,27 @@ impl Model {
                 layer: global,
                 cache_layer: li,
             };
-            let attn = attention::forward(&ctx, &layer.attn, &x, segments, &mut topk, cache, &mut indexer_seconds)?;
-            if layer.attn.indexer.is_some() {
-                full += 1;
+            let full_segs: Vec<bool> = patterns.iter().map(|p| p.is_full(global)).collect();
+            let first = full_segs.first().copied().unwrap_or(false);
+            let attn = if full_segs.iter().all(|f| *f == first) {
+                let view = layer.attn.view(if first { layer_indexers[li].clone() } else { None });
+                attention::forward(&ctx, &view, &x, segments, &mut topk, cache, &mut indexer_seconds)?
             } else {
+                // Sequences disagree on this layer: run the Full and the Shared ones apart.
+                let mut attn = vec![0.0; rows * d];
+                for kind in [true, false] {
+                    let view = layer.attn.view(if kind { layer_indexers[li].clone() } else { None });
+                    let pick: Vec<usize> = (0..segments.len()).filter(|&i| full_segs[i] == kind).collect();
+                    run_group(&pick, segments, &mut topk, &x, &mut attn, d, |segs, topk, xg| {
+                        attention::forward(&ctx, &view, xg, segs, topk, cache, &mut indexer_seconds)
+                    })?;
+                }
+                attn
+            };
+            if full_segs.iter().any(|f| *f) {
+                full += 1;
+            }
+            if full_segs.iter().any(|f| !*f) {
                 shared += 1;
             }
             add_in_place(&mut hidden, &attn);
@@ -334,9 +425,20 @@ impl Model {
             };
             add_in_place(&mut hidden, &mlp);
         }
-        let next_shared =
-            self.range.end < self.cfg.num_hidden_layers && self.pattern.kind(self.range.end) == LayerKind::Shared;
-        let relay = if next_shared { topk } else { vec![None; segments.len()] };
+        // A segment's top-k travels on when the next stage starts on a layer that is Shared
+        // under that segment's pattern.
+        let relay = topk
+            .into_iter()
+            .zip(patterns)
+            .map(|(t, p)| {
+                let next_shared = self.range.end < n_layers && p.kind(self.range.end) == LayerKind::Shared;
+                if next_shared {
+                    t
+                } else {
+                    None
+                }
+            })
+            .collect();
         Ok(StageOutput {
             hidden,
             relay,

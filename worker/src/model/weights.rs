@@ -1,5 +1,8 @@
 //! Per-layer weight structs and their loading from a checkpoint, layer range by layer range.
 
+use std::ops::Deref;
+use std::sync::Arc;
+
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -76,7 +79,8 @@ pub struct IndexerWeights {
 }
 
 impl IndexerWeights {
-    fn load(l: &Loader<'_>, p: &str) -> Result<Self> {
+    /// Loads the indexer under prefix `p` (`model.layers.{i}.self_attn.indexer`).
+    pub fn load(l: &Loader<'_>, p: &str) -> Result<Self> {
         let c = l.cfg;
         let (h, d) = (c.index_n_heads, c.index_head_dim);
         Ok(IndexerWeights {
@@ -94,9 +98,41 @@ impl IndexerWeights {
     }
 }
 
-/// MLA attention weights, with `kv_b_proj` split per head for the absorbed form.
+/// MLA attention weights of one layer as one forward pass sees them: the projections
+/// (shared, cheap to clone) and, when this view runs the layer as Full, its indexer.
+///
+/// A layer can be Full for some sequences and Shared for others (each request carries its
+/// IndexCache pattern), so the model builds a Full and a Shared view of the same
+/// projections per batch; both deref to [`AttentionCore`].
 #[derive(Clone, Debug)]
 pub struct AttentionWeights {
+    /// The projections.
+    pub core: Arc<AttentionCore>,
+    /// The indexer, when this view runs the layer as Full.
+    pub indexer: Option<Arc<IndexerWeights>>,
+}
+
+impl Deref for AttentionWeights {
+    type Target = AttentionCore;
+
+    fn deref(&self) -> &AttentionCore {
+        &self.core
+    }
+}
+
+impl AttentionWeights {
+    /// The same projections with `indexer` (Some = Full view, None = Shared view).
+    pub fn view(&self, indexer: Option<Arc<IndexerWeights>>) -> Self {
+        AttentionWeights {
+            core: self.core.clone(),
+            indexer,
+        }
+    }
+}
+
+/// MLA attention projections, with `kv_b_proj` split per head for the absorbed form.
+#[derive(Clone, Debug)]
+pub struct AttentionCore {
     /// `q_a_proj`.
     pub q_a: Linear,
     /// `q_a_layernorm` weight.
@@ -114,8 +150,6 @@ pub struct AttentionWeights {
     pub w_uv: Vec<Vec<f32>>,
     /// `o_proj`.
     pub o: Linear,
-    /// The indexer, on Full layers only.
-    pub indexer: Option<IndexerWeights>,
 }
 
 impl AttentionWeights {
@@ -137,7 +171,7 @@ impl AttentionWeights {
             w_uk_t.push(t);
             w_uv.push(kv_b[base + dn * r..base + (dn + dv) * r].to_vec());
         }
-        Ok(AttentionWeights {
+        let core = AttentionCore {
             q_a: l.linear(&format!("{p}.q_a_proj"), c.q_lora_rank, c.hidden_size)?,
             q_a_norm: l.vector(&format!("{p}.q_a_layernorm.weight"), c.q_lora_rank)?,
             q_b: l.linear(&format!("{p}.q_b_proj"), h * c.qk_head_dim(), c.q_lora_rank)?,
@@ -150,8 +184,11 @@ impl AttentionWeights {
             w_uk_t,
             w_uv,
             o: l.linear(&format!("{p}.o_proj"), c.hidden_size, h * dv)?,
+        };
+        Ok(AttentionWeights {
+            core: Arc::new(core),
             indexer: if with_indexer {
-                Some(IndexerWeights::load(l, &format!("{p}.indexer"))?)
+                Some(Arc::new(IndexerWeights::load(l, &format!("{p}.indexer"))?))
             } else {
                 None
             },

@@ -6,6 +6,7 @@ use proto::v1::{self as pb, forward_request::Input};
 use super::{Outbound, StageState};
 use crate::error::{Result, WorkerError};
 use crate::model::{Segment, StageInput};
+use crate::pattern::IndexPattern;
 use crate::relay;
 use crate::sampling::{sample, Rng, SamplingParams};
 
@@ -64,9 +65,23 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
             ))
         }
     };
+    // Each segment runs under its sequence's pattern (empty: the stage's start-up one).
+    let layers = model.config().num_hidden_layers;
+    let parsed = req
+        .segments
+        .iter()
+        .map(|s| {
+            if s.index_pattern.is_empty() {
+                Ok(None)
+            } else {
+                IndexPattern::parse(&s.index_pattern, layers).map(Some)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let patterns: Vec<&IndexPattern> = parsed.iter().map(|p| p.as_ref().unwrap_or(model.pattern())).collect();
     let out = {
         let mut cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
-        model.forward(&mut cache, &segments, input)?
+        model.forward_with_patterns(&mut cache, &segments, &patterns, input)?
     };
     if !model.is_last() {
         for (s, r) in req.segments.iter_mut().zip(&out.relay) {

@@ -76,6 +76,7 @@ impl Stage for StageService {
                 kv_blocks_free: cache.free_blocks() as u64,
                 block_size: cache.block_size() as u32,
                 model: state.model_name.clone(),
+                active_sequences: cache.sequences() as u32,
                 recent_batches: state
                     .spans
                     .lock()
@@ -88,6 +89,26 @@ impl Stage for StageService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(info))
+    }
+
+    async fn prepare_pattern(
+        &self,
+        req: Request<pb::PreparePatternRequest>,
+    ) -> std::result::Result<Response<pb::PreparePatternResponse>, Status> {
+        let state = self.state.clone();
+        let text = req.into_inner().index_pattern;
+        // Loading indexer weights reads the checkpoint: off the executor.
+        let loaded = tokio::task::spawn_blocking(move || {
+            let model = &state.model;
+            let pattern = crate::IndexPattern::parse(&text, model.config().num_hidden_layers)?;
+            model.prepare_pattern(&pattern)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::invalid_argument(format!("stage {}: {e}", self.state.worker_id)))?;
+        Ok(Response::new(pb::PreparePatternResponse {
+            loaded_layers: loaded.into_iter().map(|l| l as u32).collect(),
+        }))
     }
 }
 
