@@ -58,6 +58,15 @@ fn assert_fails(out: &Output, needle: &str) {
     assert!(err.contains(needle), "stderr should mention {needle:?}: {err}");
 }
 
+/// A raw admin client (for steps that must happen while a request is surely in flight:
+/// starting a process takes long on a loaded machine).
+fn admin_client(addr: &str) -> pb::admin_client::AdminClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    pb::admin_client::AdminClient::new(ch)
+}
+
 fn engine_with(dir: &Path, pattern: Option<&str>) -> Engine {
     Engine::new(Model::load(dir, pattern).unwrap(), EngineOptions::default()).unwrap()
 }
@@ -123,17 +132,30 @@ async fn irctl_status_lists_every_worker_and_stage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_stops_new_sequences_while_in_flight_ones_finish() {
     let dir = fixture("glm_pattern");
-    let prompt = prompt_cases(&dir)[0].clone();
-    let want = local(&dir, &[(prompt.clone(), 400, greedy())], false).remove(0);
+    let prompt = prompt_cases(&dir)[2].clone();
+    let n = 480;
+    let want = local(&dir, &[(prompt.clone(), n, greedy())], false).remove(0);
     let c = Cluster::start(&dir, 2, &[], &[]).await;
     let mut stream = c
         .client()
-        .generate(cluster::request(prompt.clone(), 400, greedy(), false))
+        .generate(cluster::request(prompt.clone(), n, greedy(), false))
         .await
         .unwrap()
         .into_inner();
     let mut tokens = stream.message().await.unwrap().unwrap().token_ids;
-    // Drain by worker id; status shows it and the cluster stops accepting.
+    // Drain by worker id while the sequence decodes.
+    let d = admin_client(&c.addr)
+        .drain(pb::DrainRequest {
+            worker: "stage-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let w = d.worker.unwrap();
+    assert_eq!((w.address.as_str(), w.drained), (c.worker_addrs[1].as_str(), true));
+    assert_eq!(w.in_flight, 1, "the sequence is in flight on the drained worker");
+    assert!(!d.accepting);
+    // irctl shows it (draining again changes nothing).
     let d = ok_json(&irctl_async(&c.addr, &["drain", "stage-1", "--json"]).await);
     assert_eq!(d["worker"]["address"], c.worker_addrs[1].as_str());
     assert_eq!(d["worker"]["drained"], true);
@@ -173,6 +195,8 @@ async fn drain_stops_new_sequences_while_in_flight_ones_finish() {
     assert_eq!(u["accepting"], true);
     let got = c.generate(prompt.clone(), 6, greedy(), false).await.unwrap();
     assert_eq!(got.tokens, want.tokens[..6]);
+    let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
+    assert_eq!(s["accepting"], true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,6 +220,7 @@ async fn pattern_set_changes_new_requests_only_and_equals_the_engine() {
     assert_same("probe before the change", &before, &probe_old);
 
     let client = c.client();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let long_task = tokio::spawn(async move {
         let mut stream = client
             .clone()
@@ -203,32 +228,27 @@ async fn pattern_set_changes_new_requests_only_and_equals_the_engine() {
             .await
             .unwrap()
             .into_inner();
-        let mut tokens = Vec::new();
-        let mut first = None;
+        let mut tokens = stream.message().await.unwrap().unwrap().token_ids;
+        let _ = started_tx.send(());
         while let Some(msg) = stream.message().await.unwrap() {
             tokens.extend(msg.token_ids);
-            first.get_or_insert_with(Instant::now);
         }
-        (tokens, first.unwrap(), Instant::now())
+        (tokens, Instant::now())
     });
-    // Set the pattern while the long sequence decodes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
-        if s["requests"]["running"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the long request never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let p = ok_json(&irctl_async(&c.addr, &["pattern", "set", new_pattern, "--json"]).await);
+    // Set the pattern while the long sequence decodes (its first token is out).
+    started_rx.await.unwrap();
+    let p = admin_client(&c.addr)
+        .set_pattern(pb::SetPatternRequest {
+            pattern: new_pattern.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let set_done = Instant::now();
-    assert_eq!(p["pattern"], new_pattern);
-    assert_eq!(p["epoch"], 1);
-    assert_eq!(p["full_layers"], 2);
+    assert_eq!((p.pattern.as_str(), p.epoch, p.full_layers), (new_pattern, 1, 2));
     let after = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
     assert_same("probe after the change", &after, &probe_new);
-    let (long_tokens, _, long_end) = long_task.await.unwrap();
+    let (long_tokens, long_end) = long_task.await.unwrap();
     assert!(
         long_end > set_done,
         "the long request must still have been running at the change"
@@ -237,6 +257,12 @@ async fn pattern_set_changes_new_requests_only_and_equals_the_engine() {
         long_tokens, long_want.tokens,
         "the in-flight sequence keeps its start-up pattern"
     );
+    // irctl sets patterns too (the same one again: a new epoch).
+    let lower = new_pattern.to_lowercase();
+    let p = ok_json(&irctl_async(&c.addr, &["pattern", "set", &lower, "--json"]).await);
+    assert_eq!(p["pattern"], new_pattern);
+    assert_eq!(p["epoch"], 2);
+    assert_eq!(p["full_layers"], 2);
     let g = ok_json(&irctl_async(&c.addr, &["pattern", "get", "--json"]).await);
     assert_eq!(g["pattern"], new_pattern);
     let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
