@@ -152,6 +152,8 @@ impl App {
             prompt_logprobs: r.prompt_logprobs,
             ignore_eos: r.ignore_eos,
             pattern: None,
+            // Set by the request tracker, which owns the request's span.
+            trace: Default::default(),
         })
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use proto::v1::stage_client::StageClient;
 use proto::v1::{self as pb};
 use tonic::transport::{Channel, Endpoint};
+use worker::telemetry::{request_with, TraceContext};
 
 /// One stage of the pipeline.
 #[derive(Clone, Debug)]
@@ -45,10 +46,13 @@ impl Cluster {
         Ok(Cluster { stages, clients })
     }
 
-    /// Sends a micro-batch to stage 0.
-    pub async fn forward_first(&self, req: pb::ForwardRequest) -> Result<(), String> {
+    /// Sends a micro-batch to stage 0, whose span continues `trace`.
+    pub async fn forward_first(&self, req: pb::ForwardRequest, trace: &TraceContext) -> Result<(), String> {
         let mut c = self.clients[0].clone();
-        c.forward(req).await.map(|_| ()).map_err(|e| e.message().to_string())
+        c.forward(request_with(req, trace))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.message().to_string())
     }
 
     /// Frees sequences on every stage; unreachable stages are skipped (they lost the cache).

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::app::{App, Detokenizer, RawRequest};
 use crate::metrics::RequestTracker;
 use crate::scheduler::{Event, FinishReason, SchedulerHandle};
+use crate::telemetry::RequestOrigin;
 
 /// `Generation` over the shared [`App`].
 pub struct GenerationApi {
@@ -47,15 +48,13 @@ impl Generation for GenerationApi {
     type GenerateStream = GenStream;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
-        let req = req.into_inner();
-        let request_id = if req.request_id.is_empty() {
-            format!("gen-{:x}", rand_id())
-        } else {
-            req.request_id.clone()
-        };
+        let (metadata, _, req) = req.into_parts();
+        // The message's request id, else `x-request-id`; `traceparent` continues the caller's trace.
+        let origin = RequestOrigin::from_metadata(&metadata, "text_completion", Some(&req.request_id));
+        let request_id = origin.request_id.clone();
         // The tracker records the request metrics; dropping the stream (client gone) drops
         // the scheduler receiver, which cancels the sequence.
-        let (prompt, events) = RequestTracker::submit(&self.app, raw(req))
+        let (prompt, events) = RequestTracker::submit(&self.app, raw(req), &origin)
             .await
             .map_err(|e| e.to_status())?;
         let mut detok = Detokenizer::new(self.app.tokenizer.clone());

@@ -17,5 +17,6 @@ pub mod membership;
 pub mod metrics;
 pub mod planner;
 pub mod scheduler;
+pub mod telemetry;
 
 pub use error::CoordinatorError;

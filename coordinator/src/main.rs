@@ -69,21 +69,22 @@ enum Sub {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = main_inner() {
+    let cli = Cli::parse();
+    // A stage run by the launcher is a worker to tracing backends.
+    let service = match cli.cmd {
+        Some(Sub::Stage(_)) => worker::telemetry::WORKER_SERVICE,
+        None => worker::telemetry::COORDINATOR_SERVICE,
+    };
+    let telemetry = worker::telemetry::init(service, "info");
+    if let Err(e) = main_inner(cli) {
         eprintln!("error: {e:#}");
+        // `exit` skips destructors: flush the spans first.
+        drop(telemetry);
         std::process::exit(1);
     }
 }
 
-fn main_inner() -> Result<()> {
-    let cli = Cli::parse();
+fn main_inner(cli: Cli) -> Result<()> {
     if let Some(Sub::Stage(args)) = cli.cmd {
         return worker::serve_cli::run(args);
     }

@@ -41,6 +41,8 @@ pub struct SubmitRequest {
     /// IndexCache pattern to run under; `None` takes the active one when submitted (and the
     /// sequence keeps it to the end).
     pub pattern: Option<Arc<str>>,
+    /// The request's span context: its micro-batches' spans descend from it.
+    pub trace: worker::telemetry::TraceContext,
 }
 
 /// Why a sequence finished.
@@ -252,7 +254,11 @@ async fn health_poller(cluster: Arc<Cluster>, tx: mpsc::UnboundedSender<Cmd>) {
     loop {
         tick.tick().await;
         for i in 0..cluster.stages.len() {
-            let up = cluster.info(i, Duration::from_secs(1)).await.is_ok();
+            let info = cluster.info(i, Duration::from_secs(1)).await;
+            if let Ok(info) = &info {
+                crate::metrics::observe_stage_info(i, info);
+            }
+            let up = info.is_ok();
             if tx.send(Cmd::StageHealth(i, up)).is_err() {
                 return;
             }
@@ -392,6 +398,7 @@ impl State {
                 pattern_epoch: 0,
                 relay_bytes: 0,
                 relay_raw_bytes: 0,
+                stage_stats: Vec::new(),
             },
             segs,
         ))
@@ -399,6 +406,11 @@ impl State {
 
     async fn send(&mut self, req: pb::ForwardRequest, segs: Vec<SegSpan>) {
         let batch_id = req.batch_id;
+        let requests = segs
+            .iter()
+            .filter_map(|(id, _, _)| self.seqs.get(id))
+            .map(|s| &s.req.trace);
+        let span = crate::telemetry::dispatch_span(batch_id, segs.len(), requests);
         self.inflight.insert(
             batch_id,
             Inflight {
@@ -406,7 +418,8 @@ impl State {
                 segs,
             },
         );
-        if let Err(e) = self.cluster.forward_first(req).await {
+        let trace = worker::telemetry::context_of(&span);
+        if let Err(e) = self.cluster.forward_first(req, &trace).await {
             self.fail_batch(batch_id, CoordinatorError::Unavailable(format!("stage 0: {e}")));
         }
     }
@@ -439,6 +452,7 @@ impl State {
             return;
         }
         crate::metrics::add_relay_bytes(r.relay_bytes);
+        crate::metrics::record_stage_stats(&r.stage_stats);
         let Some(b) = self.inflight.remove(&r.batch_id) else {
             return;
         };

@@ -54,7 +54,19 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `coordinator --model dir --stages K [--split …]` and waits for READY.
     pub async fn start(dir: &Path, stages: usize, split: &[usize], extra: &[&str]) -> Cluster {
+        Cluster::start_with_env(dir, stages, split, extra, &[]).await
+    }
+
+    /// [`Cluster::start`] with extra environment variables (the workers inherit them).
+    pub async fn start_with_env(
+        dir: &Path,
+        stages: usize,
+        split: &[usize],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        cmd.envs(env.iter().copied());
         cmd.arg("--model")
             .arg(dir)
             .args(["--stages", &stages.to_string(), "--grpc-port", "0", "--http-port", "0"]);

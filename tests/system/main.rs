@@ -6,6 +6,8 @@ mod admin;
 mod cluster;
 mod etcd;
 mod http;
+mod metrics;
+mod tracing;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

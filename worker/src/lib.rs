@@ -19,6 +19,7 @@ pub mod rope;
 pub mod sampling;
 pub mod serve_cli;
 pub mod stage;
+pub mod telemetry;
 pub mod tokenizer;
 
 pub use config::{Architecture, ModelConfig};

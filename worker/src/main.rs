@@ -92,12 +92,13 @@ struct GenerateArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Errors only unless RUST_LOG says otherwise: `generate` prints its result on stdout.
+    let telemetry = worker::telemetry::init(worker::telemetry::WORKER_SERVICE, "error");
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
+        // `exit` skips destructors: flush the spans first.
+        drop(telemetry);
         std::process::exit(1);
     }
 }

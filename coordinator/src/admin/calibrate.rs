@@ -279,6 +279,7 @@ async fn score(
                 prompt_logprobs: true,
                 ignore_eos: true,
                 pattern: Some(pattern.clone()),
+                trace: Default::default(),
             };
             rxs.push(sched.submit(req).map_err(|e| e.to_status())?);
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use worker::tokenizer::TextTokenizer;
@@ -21,6 +22,7 @@ use crate::app::RawRequest;
 use crate::error::CoordinatorError;
 use crate::metrics::RequestTracker;
 use crate::scheduler::FinishReason;
+use crate::telemetry::RequestOrigin;
 
 /// Whether chat requests can be served.
 pub(super) enum ChatSupport {
@@ -139,8 +141,10 @@ fn normalize_messages(msgs: Vec<Value>) -> Result<Vec<Value>, ApiError> {
 /// `POST /v1/chat/completions`.
 pub(super) async fn chat_completions(
     State(st): State<Arc<HttpState>>,
+    Extension(mut origin): Extension<RequestOrigin>,
     OpenAiJson(req): OpenAiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    origin.operation = "chat";
     let app = &st.app;
     // The model is checked first so a wrong name is a 404 whatever else is wrong.
     if !req.model.is_empty() && req.model != app.model_name {
@@ -180,7 +184,7 @@ pub(super) async fn chat_completions(
         prompt_logprobs: false,
         ignore_eos: req.ignore_eos.unwrap_or(false),
     };
-    let (_, events) = RequestTracker::submit(app, raw).await?;
+    let (_, events) = RequestTracker::submit(app, raw, &origin).await?;
     let stream = req.stream.unwrap_or(false);
     let object = if stream {
         "chat.completion.chunk"

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use worker::tokenizer::TextTokenizer;
@@ -19,6 +20,7 @@ use super::HttpState;
 use crate::app::RawRequest;
 use crate::metrics::RequestTracker;
 use crate::scheduler::FinishReason;
+use crate::telemetry::RequestOrigin;
 
 #[derive(Deserialize)]
 pub(super) struct CompletionRequest {
@@ -99,6 +101,7 @@ struct CompletionShape {
 /// `POST /v1/completions`.
 pub(super) async fn completions(
     State(st): State<Arc<HttpState>>,
+    Extension(origin): Extension<RequestOrigin>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     req.unsupported.check()?;
@@ -120,7 +123,7 @@ pub(super) async fn completions(
         prompt_logprobs: echo && (req.logprobs.is_some() || max_new == 0),
         ignore_eos: req.ignore_eos.unwrap_or(false),
     };
-    let (prompt, events) = RequestTracker::submit(app, raw).await?;
+    let (prompt, events) = RequestTracker::submit(app, raw, &origin).await?;
     let tok = app.tokenizer.as_deref();
     let shape = CompletionShape {
         env: Envelope::new("cmpl", "text_completion", &app.model_name),

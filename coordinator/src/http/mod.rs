@@ -20,8 +20,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -33,6 +34,7 @@ pub use errors::{ApiError, OpenAiJson};
 use crate::app::App;
 use crate::error::CoordinatorError;
 use crate::metrics;
+use crate::telemetry::{RequestOrigin, REQUEST_ID_HEADER};
 use chat::ChatSupport;
 use errors::json_response;
 
@@ -64,7 +66,22 @@ pub fn router(app: Arc<App>, model_dir: &Path) -> Router {
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(request_origin))
         .with_state(state)
+}
+
+/// Reads the caller's `traceparent` and `x-request-id` into a [`RequestOrigin`] for the
+/// handlers, and answers every response with the request id (the caller's or a new one).
+async fn request_origin(mut req: Request, next: Next) -> Response {
+    let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+    let origin = RequestOrigin::from_metadata(&md, "text_completion", None);
+    let id = HeaderValue::from_str(&origin.request_id).ok();
+    req.extensions_mut().insert(origin);
+    let mut resp = next.run(req).await;
+    if let Some(id) = id {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    resp
 }
 
 /// Serves `router` on `listener` until `shutdown` completes.

@@ -104,6 +104,8 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
             error: String::new(),
             relay_bytes: req.relay_bytes,
             relay_raw_bytes: req.relay_raw_bytes,
+            // Filled in by the observation.
+            stage_stats: Vec::new(),
         },
     ))
 }

@@ -6,6 +6,7 @@
 //! the coordinator's collector. Sequences' cache entries stay here until `Release`.
 
 mod compute;
+mod observe;
 mod service;
 
 use std::collections::{HashMap, VecDeque};

@@ -12,9 +12,11 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
+use super::observe::ForwardObservation;
 use super::{compute, Outbound, StageHandle, StageState};
 use crate::error::Result;
 use crate::model::Model;
+use crate::telemetry::{self, TraceContext};
 
 /// How to run a stage server.
 pub struct ServeOptions {
@@ -36,14 +38,16 @@ pub struct ServeOptions {
 
 struct StageService {
     state: StageHandle,
-    jobs: std::sync::mpsc::Sender<pb::ForwardRequest>,
+    /// Micro-batches for the compute thread, each with the trace context it continues.
+    jobs: std::sync::mpsc::Sender<(pb::ForwardRequest, TraceContext)>,
 }
 
 #[tonic::async_trait]
 impl Stage for StageService {
     async fn forward(&self, req: Request<pb::ForwardRequest>) -> std::result::Result<Response<pb::ForwardAck>, Status> {
+        let parent = telemetry::extract(req.metadata());
         self.jobs
-            .send(req.into_inner())
+            .send((req.into_inner(), parent))
             .map_err(|_| Status::unavailable("stage compute thread stopped"))?;
         Ok(Response::new(pb::ForwardAck {}))
     }
@@ -122,13 +126,15 @@ async fn channel(addr: &str) -> std::result::Result<Channel, tonic::transport::E
 }
 
 /// Ships results in order: one batch's activations never overtake an earlier batch's.
-async fn sender(mut rx: mpsc::UnboundedReceiver<Outbound>, next: Option<String>) {
+async fn sender(mut rx: mpsc::UnboundedReceiver<(Outbound, TraceContext)>, next: Option<String>) {
     let mut next_client: Option<StageClient<Channel>> = None;
     let mut collectors: HashMap<String, CollectorClient<Channel>> = HashMap::new();
-    while let Some(msg) = rx.recv().await {
+    while let Some((msg, cx)) = rx.recv().await {
         match msg {
             Outbound::Next(req) => {
                 let (batch_id, report_to) = (req.batch_id, req.report_to.clone());
+                // The next stage's span continues this one's.
+                let req = telemetry::request_with(req, &cx);
                 let sent = match (&mut next_client, &next) {
                     (Some(c), _) => c.forward(req).await.map(|_| ()).map_err(|e| e.to_string()),
                     (None, Some(addr)) => match channel(addr).await {
@@ -195,14 +201,16 @@ pub async fn serve(model: Model, opts: ServeOptions) -> Result<()> {
         model,
     });
     let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let (job_tx, job_rx) = std::sync::mpsc::channel::<pb::ForwardRequest>();
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<(pb::ForwardRequest, TraceContext)>();
     let compute_state = state.clone();
     std::thread::Builder::new()
         .name("stage-compute".into())
         .spawn(move || {
-            for req in job_rx {
-                let out = compute::process(&compute_state, req);
-                if out_tx.send(out).is_err() {
+            for (mut req, parent) in job_rx {
+                let observation = ForwardObservation::start(&compute_state, &mut req, parent);
+                let mut out = compute::process(&compute_state, req);
+                let cx = observation.finish(&compute_state, &mut out);
+                if out_tx.send((out, cx)).is_err() {
                     break;
                 }
             }
