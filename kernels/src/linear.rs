@@ -114,12 +114,18 @@ pub(crate) struct Strided {
 impl Strided {
     /// Row-major with `row_stride` elements per row.
     pub(crate) fn rows(row_stride: usize) -> Self {
-        Strided { row_stride, col_stride: 1 }
+        Strided {
+            row_stride,
+            col_stride: 1,
+        }
     }
 
     /// Column-major with `col_stride` elements per column (a transposed row-major matrix).
     pub(crate) fn cols(col_stride: usize) -> Self {
-        Strided { row_stride: 1, col_stride }
+        Strided {
+            row_stride: 1,
+            col_stride,
+        }
     }
 
     /// Smallest slice length that holds a `rows × cols` view.

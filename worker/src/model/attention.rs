@@ -1,6 +1,7 @@
-//! MLA attention in absorbed form, the lightning indexer, and the IndexCache hand-off.
+//! MLA attention (absorbed form for decode, expanded form for prefill chunks), the lightning
+//! indexer, and the IndexCache hand-off.
 
-use kernels::{IndexerInputs, MlaAttentionInputs, RopeStyle};
+use kernels::{IndexerInputs, MlaAttentionInputs, MlaDims, MlaKeyPlan, MlaPrefillInputs, RopeStyle};
 
 use super::weights::{AttentionWeights, IndexerWeights};
 use super::{Segment, TopkRows};
@@ -144,14 +145,120 @@ pub fn forward(
         }
     }
 
+    // Each segment runs in the cheaper of the two forms for its selection (module docs of
+    // `kernels::attention_prefill`): a prefill chunk usually expanded, a decode row absorbed.
+    let dims = MlaDims {
+        heads: h,
+        kv_rank: r,
+        nope_dim: dn,
+        rope_dim: dr,
+        v_dim: dv,
+    };
+    let form = MlaForm::from_env();
+    let mut v = vec![0.0; rows * h * dv];
+    let mut absorbed = Vec::new();
+    let mut row = 0;
+    for (s, t) in segments.iter().zip(topk.iter()) {
+        let selected = t.as_ref().map(Vec::as_slice).unwrap_or(&[]);
+        let plan = MlaKeyPlan::new(selected);
+        if form.expand(&plan, s.len, dims) {
+            let blocks = cache.layer_blocks(ctx.cache_layer, s.seq)?;
+            let inp = MlaPrefillInputs {
+                q: &q[row * h * dq..(row + s.len) * h * dq],
+                ckv_blocks: &blocks.ckv,
+                kpe_blocks: &blocks.kpe,
+                block_size: cache.block_size(),
+                selected,
+                plan: &plan,
+                kv_b: &w.kv_b,
+                dims,
+                scale: c.softmax_scale(),
+            };
+            kernels::mla_prefill_attention(&inp, &mut v[row * h * dv..(row + s.len) * h * dv]);
+        } else {
+            absorbed.push((row, s, selected));
+        }
+        row += s.len;
+    }
+    if !absorbed.is_empty() {
+        absorbed_attention(ctx, w, &q, &absorbed, cache, &mut v)?;
+    }
+    Ok(w.o.forward(&v, rows))
+}
+
+/// Which attention form segments run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MlaForm {
+    /// The cheaper form by [`MlaKeyPlan::macs`] (the default).
+    Auto,
+    /// Always absorbed (the decode form).
+    Absorbed,
+    /// Always expanded (the prefill form).
+    Expanded,
+}
+
+/// Expanded multiply-adds run this much cheaper than absorbed ones: the expanded form is
+/// block GEMMs, the absorbed one per-row dot products (`kernel-bench prefill` measured 1.4×
+/// to 1.7× more multiply-adds per second on near-dense chunks).
+const EXPANDED_MAC_COST: f64 = 0.65;
+
+impl MlaForm {
+    /// `INDEXRELAY_MLA_FORM=auto|absorbed|expanded` pins the form (tests run both through
+    /// the same fixtures); anything else is `auto`.
+    fn from_env() -> Self {
+        static FORM: std::sync::OnceLock<MlaForm> = std::sync::OnceLock::new();
+        *FORM.get_or_init(|| match std::env::var("INDEXRELAY_MLA_FORM").as_deref() {
+            Ok("absorbed") => MlaForm::Absorbed,
+            Ok("expanded") => MlaForm::Expanded,
+            _ => MlaForm::Auto,
+        })
+    }
+
+    /// Whether a segment of `rows` rows with key plan `plan` runs expanded.
+    fn expand(self, plan: &MlaKeyPlan, rows: usize, dims: MlaDims) -> bool {
+        match self {
+            MlaForm::Absorbed => false,
+            MlaForm::Expanded => true,
+            MlaForm::Auto => {
+                let m = plan.macs(rows, dims);
+                m.expanded * EXPANDED_MAC_COST < m.absorbed
+            }
+        }
+    }
+}
+
+/// Absorbed-form attention of the segments in `segs` (first row, segment, selection):
+/// their queries are packed, absorbed through W_uk, attended, expanded through W_uv, and
+/// written to their rows of `v` (rows × heads × v_dim).
+fn absorbed_attention(
+    ctx: &AttnCtx<'_>,
+    w: &AttentionWeights,
+    q: &[f32],
+    segs: &[(usize, &Segment, &[Vec<u32>])],
+    cache: &KvCache,
+    v: &mut [f32],
+) -> Result<()> {
+    let c = ctx.cfg;
+    let (h, r, dn, dr, dv) = (
+        c.num_attention_heads,
+        c.kv_lora_rank,
+        c.qk_nope_head_dim,
+        c.qk_rope_head_dim,
+        c.v_head_dim,
+    );
+    let dq = dn + dr;
+    let rows: usize = segs.iter().map(|(_, s, _)| s.len).sum();
+    let packed: Vec<(usize, usize)> = segs.iter().map(|&(row, s, _)| (row, s.len)).collect();
+    let src_rows = || packed.iter().flat_map(|&(row, len)| row..row + len);
+
     // Absorb W_uk into the query: q_latent[row, head] = W_uk_headᵀ · q_nope[row, head].
     let mut q_latent = vec![0.0; rows * h * r];
     let mut q_rope = vec![0.0; rows * h * dr];
     let mut nope = vec![0.0; rows * dn];
     let mut lat = vec![0.0; rows * r];
     for head in 0..h {
-        for i in 0..rows {
-            let src = &q[(i * h + head) * dq..(i * h + head + 1) * dq];
+        for (i, src) in src_rows().enumerate() {
+            let src = &q[(src * h + head) * dq..(src * h + head + 1) * dq];
             nope[i * dn..(i + 1) * dn].copy_from_slice(&src[..dn]);
             q_rope[(i * h + head) * dr..(i * h + head + 1) * dr].copy_from_slice(&src[dn..]);
         }
@@ -163,9 +270,8 @@ pub fn forward(
 
     let mut o_latent = vec![0.0; rows * h * r];
     let mut row = 0;
-    for (s, t) in segments.iter().zip(topk.iter()) {
+    for &(_, s, selected) in segs {
         let blocks = cache.layer_blocks(ctx.cache_layer, s.seq)?;
-        let selected = t.as_ref().map(Vec::as_slice).unwrap_or(&[]);
         let span = row * h..(row + s.len) * h;
         let inp = MlaAttentionInputs {
             q_latent: &q_latent[span.start * r..span.end * r],
@@ -183,19 +289,18 @@ pub fn forward(
         row += s.len;
     }
 
-    // Expand each head's latent output through W_uv, then o_proj.
-    let mut v = vec![0.0; rows * h * dv];
+    // Expand each head's latent output through W_uv into the segments' rows of `v`.
     let mut vh = vec![0.0; rows * dv];
     for head in 0..h {
         for i in 0..rows {
             lat[i * r..(i + 1) * r].copy_from_slice(&o_latent[(i * h + head) * r..(i * h + head + 1) * r]);
         }
-        kernels::matmul_t(&lat, &w.w_uv[head], &mut vh, rows, r, dv);
-        for i in 0..rows {
-            v[(i * h + head) * dv..(i * h + head + 1) * dv].copy_from_slice(&vh[i * dv..(i + 1) * dv]);
+        kernels::matmul_t(&lat, w.w_uv(head, dn, dv), &mut vh, rows, r, dv);
+        for (i, dst) in src_rows().enumerate() {
+            v[(dst * h + head) * dv..(dst * h + head + 1) * dv].copy_from_slice(&vh[i * dv..(i + 1) * dv]);
         }
     }
-    Ok(w.o.forward(&v, rows))
+    Ok(())
 }
 
 fn run_indexer(

@@ -146,10 +146,19 @@ pub struct AttentionCore {
     /// Per head, the key half of `kv_b_proj` transposed: `[kv_lora_rank, qk_nope_head_dim]`,
     /// so `q_nope · W_ukᵀᵀ` maps a query into latent space with one `matmul_t`.
     pub w_uk_t: Vec<Vec<f32>>,
-    /// Per head, the value half of `kv_b_proj`: `[v_head_dim, kv_lora_rank]`.
-    pub w_uv: Vec<Vec<f32>>,
+    /// `kv_b_proj` whole, `[heads · (qk_nope_head_dim + v_head_dim), kv_lora_rank]`: the
+    /// expanded prefill form multiplies keys through it; each head's value rows are `w_uv`.
+    pub kv_b: Vec<f32>,
     /// `o_proj`.
     pub o: Linear,
+}
+
+impl AttentionCore {
+    /// Head `head`'s value half of `kv_b_proj`: `[v_head_dim, kv_lora_rank]`.
+    pub fn w_uv(&self, head: usize, nope_dim: usize, v_dim: usize) -> &[f32] {
+        let r = self.kv_b.len() / (self.w_uk_t.len() * (nope_dim + v_dim)).max(1);
+        &self.kv_b[(head * (nope_dim + v_dim) + nope_dim) * r..][..v_dim * r]
+    }
 }
 
 impl AttentionWeights {
@@ -158,7 +167,6 @@ impl AttentionWeights {
         let (h, r, dn, dv) = (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.v_head_dim);
         let kv_b = l.tensor(&format!("{p}.kv_b_proj.weight"), &[h * (dn + dv), r])?;
         let mut w_uk_t = Vec::with_capacity(h);
-        let mut w_uv = Vec::with_capacity(h);
         for head in 0..h {
             let base = head * (dn + dv) * r;
             let uk = &kv_b[base..base + dn * r];
@@ -169,7 +177,6 @@ impl AttentionWeights {
                 }
             }
             w_uk_t.push(t);
-            w_uv.push(kv_b[base + dn * r..base + (dn + dv) * r].to_vec());
         }
         let core = AttentionCore {
             q_a: l.linear(&format!("{p}.q_a_proj"), c.q_lora_rank, c.hidden_size)?,
@@ -182,7 +189,7 @@ impl AttentionWeights {
             )?,
             kv_a_norm: l.vector(&format!("{p}.kv_a_layernorm.weight"), r)?,
             w_uk_t,
-            w_uv,
+            kv_b,
             o: l.linear(&format!("{p}.o_proj"), c.hidden_size, h * dv)?,
         };
         Ok(AttentionWeights {
