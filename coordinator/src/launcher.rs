@@ -221,6 +221,12 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
                 Err(e) => bail!("stage {i} did not come up: {e}"),
             }
         }
+        // The coordinator sends its pattern with every request; a worker started on its own
+        // (etcd) may have been given another one, so make sure it can run this one.
+        cluster
+            .prepare_pattern(i, &pattern, Duration::from_secs(600))
+            .await
+            .map_err(|e| anyhow::anyhow!("stage {i} cannot run the pattern {pattern}: {}", e.message()))?;
     }
     let grpc_addr: SocketAddr = format!(
         "127.0.0.1:{}",
