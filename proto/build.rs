@@ -2,6 +2,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // A body that does not decode is the client's error: INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::codec::StrictProstCodec")
         .file_descriptor_set_path(out.join("indexrelay_descriptor.bin"))
         .compile_protos(
             &[

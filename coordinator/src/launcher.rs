@@ -22,27 +22,17 @@ use crate::http;
 use crate::membership;
 use crate::planner::{self, CostModel};
 use crate::scheduler::{self, SchedulerOptions};
-
-/// Resolves on Ctrl-C or SIGTERM (Kubernetes stops pods with SIGTERM), so the servers
-/// drain and the worker processes are stopped with the coordinator.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
+use worker::shutdown::shutdown_signal;
 
 /// What the launcher starts.
 #[derive(Clone, Debug)]
 pub struct LaunchOptions {
+    /// Address the public gRPC and HTTP ports bind to.
+    pub host: std::net::IpAddr,
+    /// Host the last stage reports tokens to (this coordinator's gRPC port on it).
+    pub advertise_host: String,
+    /// How long stages may take to register and load.
+    pub startup_timeout: Duration,
     /// Model folder.
     pub model_dir: PathBuf,
     /// Served model name.
@@ -171,14 +161,14 @@ pub struct Ready {
 pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> {
     let (plan, pattern) = plan(&o.model_dir, o.stages, o.split.as_deref(), o.index_pattern.as_deref())?;
     // Bound before any worker starts, so a taken port fails at once rather than after loading.
-    let http_listener = tokio::net::TcpListener::bind(("127.0.0.1", o.http_port))
+    let http_listener = tokio::net::TcpListener::bind((o.host, o.http_port))
         .await
         .with_context(|| format!("binding the HTTP port {} (--http-port 0 picks a free one)", o.http_port))?;
     let http_addr = http_listener.local_addr()?;
     let mut children = Vec::new();
     let endpoints: Vec<StageEndpoint> = match &o.etcd {
         // Workers started separately register in etcd; the coordinator assigns their stages.
-        Some(etcd) => membership::assign_from_etcd(etcd, &o.etcd_prefix, &plan, Duration::from_secs(300)).await?,
+        Some(etcd) => membership::assign_from_etcd(etcd, &o.etcd_prefix, &plan, o.startup_timeout).await?,
         None => {
             let ports: Vec<u16> = (0..plan.len()).map(|_| free_port()).collect::<Result<_>>()?;
             for (i, layers) in plan.iter().enumerate() {
@@ -195,7 +185,7 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
     };
     let cluster = Arc::new(Cluster::new(endpoints).map_err(anyhow::Error::msg)?);
     // Wait for every stage to load and answer with the planned layer range.
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + o.startup_timeout;
     let mut kv_blocks = usize::MAX;
     let mut block_size = o.block_size;
     for (i, st) in cluster.stages.iter().enumerate() {
@@ -228,18 +218,23 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
             .await
             .map_err(|e| anyhow::anyhow!("stage {i} cannot run the pattern {pattern}: {}", e.message()))?;
     }
-    let grpc_addr: SocketAddr = format!(
-        "127.0.0.1:{}",
-        if o.grpc_port == 0 { free_port()? } else { o.grpc_port }
-    )
-    .parse()?;
+    // Bound here (port 0 = any free one), served once every service is built.
+    let listener = tokio::net::TcpListener::bind((o.host, o.grpc_port))
+        .await
+        .with_context(|| format!("binding the gRPC port {} (--grpc-port 0 picks a free one)", o.grpc_port))?;
+    let grpc_addr: SocketAddr = listener.local_addr()?;
+    // The last stage dials this to report tokens: the advertised host, not the bind address.
+    let report_to = match o.advertise_host.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, grpc_addr.port()).to_string(),
+        Err(_) => format!("{}:{}", o.advertise_host, grpc_addr.port()),
+    };
     let sched = scheduler::start(
         cluster.clone(),
         SchedulerOptions {
             prefill_chunk: o.prefill_chunk,
             max_inflight: cluster.stages.len() + 1,
             eos: worker::ModelConfig::from_dir(&o.model_dir)?.eos_token_ids,
-            report_to: grpc_addr.to_string(),
+            report_to,
             kv_blocks,
             block_size,
             control: Arc::new(ClusterControl::new(
@@ -266,7 +261,6 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let listener = tokio::net::TcpListener::bind(grpc_addr).await?;
     tracing::info!(%grpc_addr, %http_addr, stages = plan.len(), %pattern, "cluster ready");
     on_ready(&Ready {
         grpc: grpc_addr,

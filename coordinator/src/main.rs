@@ -33,6 +33,16 @@ struct Cli {
     /// IndexCache pattern override, one F/S per layer.
     #[arg(long)]
     index_pattern: Option<String>,
+    /// Address the public gRPC and HTTP ports bind to (`0.0.0.0` in a container).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Host name or IP the last stage uses to reach this coordinator's gRPC port (default:
+    /// `--host`, which must then not be unspecified; in Kubernetes, the pod IP).
+    #[arg(long)]
+    advertise_host: Option<String>,
+    /// How long to wait for every stage to register and load its layers (seconds).
+    #[arg(long, default_value_t = 300)]
+    startup_timeout_secs: u64,
     /// Public gRPC port (0 = any free port).
     #[arg(long, default_value_t = 50051)]
     grpc_port: u16,
@@ -101,7 +111,22 @@ fn main_inner(cli: Cli) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "indexrelay".into())
     });
+    let advertise_host = match cli.advertise_host {
+        Some(h) if h.trim().is_empty() => anyhow::bail!("--advertise-host must not be empty"),
+        Some(h) => h,
+        None if cli.host.is_unspecified() => anyhow::bail!(
+            "--host {} binds every interface: give --advertise-host, the address the last stage reaches this coordinator at",
+            cli.host
+        ),
+        None => cli.host.to_string(),
+    };
+    if cli.startup_timeout_secs == 0 {
+        anyhow::bail!("--startup-timeout-secs must be at least 1");
+    }
     let opts = LaunchOptions {
+        host: cli.host,
+        advertise_host,
+        startup_timeout: std::time::Duration::from_secs(cli.startup_timeout_secs),
         model_dir,
         model_name,
         stages: cli.stages,

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::simd::for_each_isa;
-use crate::test_util::{assert_close, Rng};
+use crate::test_util::{assert_close, paged, Rng};
 
 struct Case {
     heads: usize,
@@ -37,17 +37,10 @@ fn run_case(c: &Case, seed: u64) {
         })
         .collect();
 
-    // Paged copies with NaN in unused slots, which would poison any output that read them.
-    let n_blocks = c.n_keys.div_ceil(c.block_size);
-    let page = |src: &[f32], width: usize| -> Vec<Vec<f32>> {
-        let mut blocks = vec![vec![f32::NAN; c.block_size * width]; n_blocks];
-        for (s, v) in src.chunks_exact(width).enumerate() {
-            let o = (s % c.block_size) * width;
-            blocks[s / c.block_size][o..o + width].copy_from_slice(v);
-        }
-        blocks
-    };
-    let (ckv_pages, kpe_pages) = (page(&ckv, c.kv_rank), page(&kpe, c.rope_dim));
+    let (ckv_pages, kpe_pages) = (
+        paged(&ckv, c.kv_rank, c.block_size),
+        paged(&kpe, c.rope_dim, c.block_size),
+    );
     let ckv_refs: Vec<&[f32]> = ckv_pages.iter().map(|b| b.as_slice()).collect();
     let kpe_refs: Vec<&[f32]> = kpe_pages.iter().map(|b| b.as_slice()).collect();
     let inp = MlaAttentionInputs {

@@ -40,3 +40,15 @@ pub(crate) fn assert_close(actual: &[f32], expected: &[f32], rtol: f32, atol: f3
         assert!(ok, "element {i}: got {a}, expected {e}");
     }
 }
+
+/// Splits `src` (positions × `width`) into cache blocks of `block_size` positions, unused
+/// slots NaN so that any kernel reading them poisons its output.
+pub(crate) fn paged(src: &[f32], width: usize, block_size: usize) -> Vec<Vec<f32>> {
+    let n_blocks = (src.len() / width).div_ceil(block_size);
+    let mut blocks = vec![vec![f32::NAN; block_size * width]; n_blocks];
+    for (s, v) in src.chunks_exact(width).enumerate() {
+        let o = (s % block_size) * width;
+        blocks[s / block_size][o..o + width].copy_from_slice(v);
+    }
+    blocks
+}

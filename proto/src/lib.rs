@@ -4,6 +4,8 @@
 //!
 //! `proto` depends on nothing of ours; `coordinator` and `worker` depend on it.
 
+pub mod codec;
+
 /// Generated messages and services of package `indexrelay.v1`.
 pub mod v1 {
     #![allow(missing_docs, clippy::all)]

@@ -28,7 +28,8 @@ fn url(c: &Cluster, path: &str) -> String {
     format!("http://{}{path}", c.http)
 }
 
-async fn post(c: &Cluster, path: &str, body: &Value) -> (u16, Value) {
+/// POSTs JSON to the cluster's HTTP API: status and JSON body.
+pub async fn post(c: &Cluster, path: &str, body: &Value) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(url(c, path))
         .json(body)
@@ -44,7 +45,8 @@ async fn get_text(c: &Cluster, path: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-fn ids(v: &Value) -> Vec<u32> {
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
         .iter()

@@ -7,6 +7,7 @@ mod cluster;
 mod etcd;
 mod http;
 mod metrics;
+mod raw;
 mod tracing;
 
 use std::path::Path;
@@ -83,8 +84,23 @@ async fn distributed_equals_local_for_every_split() {
     for (stages, split) in splits {
         let c = Cluster::start(&dir, stages, split, &[]).await;
         for (i, (p, n, _)) in reqs.iter().enumerate() {
+            let name = format!("{stages} stages split {split:?} prompt {i}");
             let got = c.generate(p.clone(), *n, greedy(), true).await.unwrap();
-            assert_same(&format!("{stages} stages split {split:?} prompt {i}"), &got, &want[i]);
+            assert_same(&name, &got, &want[i]);
+            // The same over HTTP: echo + logprobs gives the prompt logprobs (first null).
+            let req = serde_json::json!({
+                "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": true,
+                "echo": true, "logprobs": 0, "return_token_ids": true,
+            });
+            let (status, r) = http::post(&c, "/v1/completions", &req).await;
+            assert_eq!(status, 200, "{name}: {r}");
+            let choice = &r["choices"][0];
+            let lps = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+            let over_http = Answer {
+                tokens: http::ids(&choice["token_ids"]),
+                prompt_logprobs: lps[..p.len()].iter().map(|v| v.as_f64().map(|x| x as f32)).collect(),
+            };
+            assert_same(&format!("{name} (HTTP)"), &over_http, &want[i]);
         }
     }
 }
@@ -235,6 +251,11 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
         c.client().generate(req).await.unwrap_err().code(),
         tonic::Code::NotFound
     );
+    // A body that is not a GenerateRequest at all: a length-delimited field running past
+    // the end of the message.
+    let status = raw::server_streaming(&c.addr, "/indexrelay.v1.Generation/Generate", vec![0x0a, 0x05, 0x01]).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("malformed protobuf"), "{}", status.message());
     // The cluster still serves after bad input.
     let ok = c.generate(vec![1, 2, 3], 3, greedy(), false).await.unwrap();
     assert_eq!(ok.tokens.len(), 3);

@@ -18,6 +18,7 @@ pub mod relay;
 pub mod rope;
 pub mod sampling;
 pub mod serve_cli;
+pub mod shutdown;
 pub mod stage;
 pub mod telemetry;
 pub mod tokenizer;

@@ -1345,7 +1345,11 @@ fn selection_stats(a: &SelectionArgs) -> Result<()> {
                 len: chunk.len(),
                 relay: None,
             };
-            let out = model.forward(&mut cache, std::slice::from_ref(&seg), StageInput::Tokens(chunk.to_vec()))?;
+            let out = model.forward(
+                &mut cache,
+                std::slice::from_ref(&seg),
+                StageInput::Tokens(chunk.to_vec()),
+            )?;
             last = out.relay.into_iter().next().flatten().map(|rows| (seg, rows));
         }
         let Some((seg, rows)) = last else {

@@ -27,6 +27,17 @@ pub struct AttnCtx<'a> {
     pub cache_layer: usize,
 }
 
+/// The attention shapes of `c`, as the kernels take them.
+fn mla_dims(c: &ModelConfig) -> MlaDims {
+    MlaDims {
+        heads: c.num_attention_heads,
+        kv_rank: c.kv_lora_rank,
+        nope_dim: c.qk_nope_head_dim,
+        rope_dim: c.qk_rope_head_dim,
+        v_dim: c.v_head_dim,
+    }
+}
+
 /// Checks that a segment entering on a Shared layer carries one sorted, causal index row per
 /// position.
 pub fn check_relay(s: &Segment, layer: usize) -> Result<()> {
@@ -84,13 +95,8 @@ pub fn forward(
 ) -> Result<Vec<f32>> {
     let c = ctx.cfg;
     let rows: usize = segments.iter().map(|s| s.len).sum();
-    let (h, r, dn, dr, dv) = (
-        c.num_attention_heads,
-        c.kv_lora_rank,
-        c.qk_nope_head_dim,
-        c.qk_rope_head_dim,
-        c.v_head_dim,
-    );
+    let dims = mla_dims(c);
+    let (h, r, dn, dr, dv) = (dims.heads, dims.kv_rank, dims.nope_dim, dims.rope_dim, dims.v_dim);
     let dq = dn + dr;
 
     let qa = w.q_a.forward(x, rows);
@@ -147,13 +153,6 @@ pub fn forward(
 
     // Each segment runs in the cheaper of the two forms for its selection (module docs of
     // `kernels::attention_prefill`): a prefill chunk usually expanded, a decode row absorbed.
-    let dims = MlaDims {
-        heads: h,
-        kv_rank: r,
-        nope_dim: dn,
-        rope_dim: dr,
-        v_dim: dv,
-    };
     let form = MlaForm::from_env();
     let mut v = vec![0.0; rows * h * dv];
     let mut absorbed = Vec::new();
@@ -239,13 +238,8 @@ fn absorbed_attention(
     v: &mut [f32],
 ) -> Result<()> {
     let c = ctx.cfg;
-    let (h, r, dn, dr, dv) = (
-        c.num_attention_heads,
-        c.kv_lora_rank,
-        c.qk_nope_head_dim,
-        c.qk_rope_head_dim,
-        c.v_head_dim,
-    );
+    let d = mla_dims(c);
+    let (h, r, dn, dr, dv) = (d.heads, d.kv_rank, d.nope_dim, d.rope_dim, d.v_dim);
     let dq = dn + dr;
     let rows: usize = segs.iter().map(|(_, s, _)| s.len).sum();
     let packed: Vec<(usize, usize)> = segs.iter().map(|&(row, s, _)| (row, s.len)).collect();

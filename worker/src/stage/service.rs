@@ -232,13 +232,29 @@ pub async fn serve(model: Model, opts: ServeOptions) -> Result<()> {
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     tracing::info!(listen = %opts.listen, worker = %opts.worker_id, "stage serving");
-    Server::builder()
+    // On the stop signal the server stops accepting and lets open calls finish; the
+    // coordinator's long-lived channels never close by themselves, so the drain is bounded.
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(svc)
-        .serve_with_shutdown(opts.listen, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| crate::error::WorkerError::invalid("listen", format!("{}: {e}", opts.listen)))
+        .serve_with_shutdown(opts.listen, async move {
+            crate::shutdown::shutdown_signal().await;
+            tracing::info!("stop signal: draining for up to {STOP_GRACE:?}");
+            let _ = stopping_tx.send(());
+        });
+    tokio::select! {
+        r = server => r.map_err(|e| crate::error::WorkerError::invalid("listen", format!("{}: {e}", opts.listen))),
+        _ = async {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(STOP_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => Ok(()),
+    }
 }
+
+/// How long a stopping stage waits for open calls before exiting anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
