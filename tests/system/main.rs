@@ -8,6 +8,7 @@ mod etcd;
 mod http;
 mod metrics;
 mod raw;
+mod reflection;
 mod tracing;
 
 use std::path::Path;
