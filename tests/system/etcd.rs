@@ -49,7 +49,11 @@ fn start_etcd(dir: &Path) -> (Proc, String) {
 }
 
 fn start_worker(etcd: &str, dir: &Path, id: &str) -> Proc {
-    let port = free_port();
+    start_worker_on(etcd, dir, id, free_port())
+}
+
+/// A worker process joining through etcd, serving on `port`.
+fn start_worker_on(etcd: &str, dir: &Path, id: &str, port: u16) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args([
             "stage",
@@ -77,7 +81,8 @@ async fn etcd_membership_serves_survives_etcd_outage_and_notices_dead_workers() 
     let (etcd, url) = start_etcd(tmp.path());
     let dir = fixture("dsv32_pattern");
     let w0 = start_worker(&url, &dir, "w0");
-    let w1 = start_worker(&url, &dir, "w1");
+    let w1_port = free_port();
+    let w1 = start_worker_on(&url, &dir, "w1", w1_port);
     let w2 = start_worker(&url, &dir, "w2");
     let c = Cluster::start(&dir, 3, &[2, 4], &["--etcd", &url, "--etcd-prefix", "/indexrelay/test"]).await;
 
@@ -116,5 +121,18 @@ async fn etcd_membership_serves_survives_etcd_outage_and_notices_dead_workers() 
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
-    drop((w0, w2));
+
+    // The stage comes back (same worker id and address; its assignment is still in etcd):
+    // the cluster reports itself healthy again and answers as before.
+    let w1 = start_worker_on(&url, &dir, "w1", w1_port);
+    let t0 = Instant::now();
+    while c.health().await != super::pb_serving() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "restarted stage not noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = generate_with(c.client(), reqs[2].0.clone(), 6, greedy(), true)
+        .await
+        .unwrap();
+    assert_same("after the stage is back", &got, &want[2]);
+    drop((w0, w1, w2));
 }
