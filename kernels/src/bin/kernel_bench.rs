@@ -73,7 +73,7 @@ fn bench_gemv(k: usize, n: usize) {
         "memory read ceiling",
         "",
         "",
-        4 * n * k >> 20
+        (4 * n * k) >> 20
     );
 }
 
