@@ -14,6 +14,8 @@ thread_local! {
     /// through `mmap` each time. Grows to the largest input seen on the thread (8 bytes per
     /// score).
     static KEYS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// Reused bitmap over the score indices (one bit each) that puts the winners in order.
+    static MARKS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Maps a score to a `u32` whose unsigned order is the score's numeric order. Branch-free
@@ -46,7 +48,8 @@ fn unpack_index(packed: u64) -> u32 {
 /// scores, sorted ascending by index.
 ///
 /// Order: higher score first; equal scores prefer the lower index; NaN counts as `-inf`.
-/// Expected O(n + k log k): a linear-time selection, then a sort of the k winners only.
+/// Expected O(n): a linear-time selection, then the winners are marked in a bitmap over the
+/// indices and read back in order (n/64 words), which is cheaper than sorting them.
 /// When `k >= scores.len()` this returns `0..len` without looking at the scores.
 pub fn select_topk(scores: &[f32], k: usize, out: &mut Vec<u32>) {
     out.clear();
@@ -64,9 +67,24 @@ pub fn select_topk(scores: &[f32], k: usize, out: &mut Vec<u32>) {
         keys.clear();
         keys.extend(scores.iter().enumerate().map(|(i, &s)| pack(ordered_bits(s), i)));
         keys.select_nth_unstable(n - k);
-        out.extend(keys[n - k..].iter().map(|&key| unpack_index(key)));
+        MARKS.with(|marks| {
+            let mut marks = marks.borrow_mut();
+            marks.clear();
+            marks.resize(n.div_ceil(64), 0);
+            for &key in &keys[n - k..] {
+                let i = unpack_index(key) as usize;
+                marks[i / 64] |= 1 << (i % 64);
+            }
+            out.reserve(k);
+            for (w, &word) in marks.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    out.push((w * 64) as u32 + bits.trailing_zeros());
+                    bits &= bits - 1;
+                }
+            }
+        });
     });
-    out.sort_unstable();
 }
 
 #[cfg(test)]
