@@ -10,6 +10,7 @@ pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod error;
+pub mod huge_pages;
 pub mod kv_cache;
 pub mod membership;
 pub mod model;

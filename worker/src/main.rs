@@ -15,6 +15,10 @@ use worker::serve_cli::Arch;
 use worker::tokenizer::{missing_tokenizer, TextTokenizer};
 use worker::{Engine, EngineOptions, GenerationRequest, Model, SamplingParams};
 
+/// Large activation buffers on transparent huge pages (see `worker::huge_pages`).
+#[global_allocator]
+static ALLOC: worker::huge_pages::HugePageAlloc = worker::huge_pages::HugePageAlloc;
+
 #[derive(Parser)]
 #[command(name = "worker", version, about = "IndexRelay worker: DSA + IndexCache inference")]
 struct Cli {

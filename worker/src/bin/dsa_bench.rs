@@ -41,6 +41,10 @@ use worker::embedded::{write_synthetic_model, SyntheticSpec};
 use worker::sampling::{argmax, Rng};
 use worker::{Architecture, Model, Segment, StageInput};
 
+/// The same allocator as the `worker` binary, so the engine is measured as it serves.
+#[global_allocator]
+static ALLOC: worker::huge_pages::HugePageAlloc = worker::huge_pages::HugePageAlloc;
+
 /// Prefix of the one stdout line a child prints its result on.
 const RESULT_MARKER: &str = "DSA_BENCH_RESULT ";
 
