@@ -3,6 +3,8 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -252,11 +254,12 @@ impl SwiGlu {
         let inter = self.down.inp;
         let gu = self.gate_up.forward(x, rows);
         let mut act = vec![0.0; rows * inter];
-        for (r, out) in act.chunks_exact_mut(inter).enumerate() {
-            let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
-            out.copy_from_slice(&row[..inter]);
-            kernels::silu_mul(out, &row[inter..]);
-        }
+        act.par_chunks_exact_mut(inter)
+            .zip(gu.par_chunks_exact(2 * inter))
+            .for_each(|(out, row)| {
+                out.copy_from_slice(&row[..inter]);
+                kernels::silu_mul(out, &row[inter..]);
+            });
         self.down.forward(&act, rows)
     }
 }
