@@ -2,14 +2,17 @@
 # GPU check for the CUDA kernels, in two halves so the GPU host builds nothing:
 #
 #   scripts/gpu-check.sh prepare [DIR]   # on a build machine (no GPU needed): builds the GPU
-#                                        # parity test binaries and cuda-bench, compiles every
+#                                        # parity test binaries (kernels' and the worker's GPU
+#                                        # engine vs its CPU engine) and cuda-bench, compiles every
 #                                        # kernel with NVRTC for common architectures into a
 #                                        # kernel cache, strips, and puts it all in DIR
 #   scripts/gpu-check.sh run [DIR]       # on the GPU host: runs the parity tests (--ignored
 #                                        # ones included) and cuda-bench from DIR; needs only
 #                                        # the NVIDIA driver (kernels come from DIR's cache)
 #
-# DIR defaults to target/gpu-check (small enough to carry to a GPU host: a few MiB).
+# DIR defaults to target/gpu-check (small enough to carry to a GPU host: some tens of MiB).
+# The worker's gpu_parity reads the golden fixtures of the checkout it runs in
+# (tests/fixtures/golden, or $INDEXRELAY_FIXTURES).
 # `run` writes its logs to $OUT when that is set (the device tool collects it), else DIR/results.
 # Environment: NVRTC must be loadable for `prepare` (LD_LIBRARY_PATH or INDEXRELAY_NVRTC_LIB;
 # .ci/run shows how to get it from PyPI); ARCHES overrides the precompiled architectures;
@@ -39,7 +42,26 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "$dir/bin/$name"; done
-  for t in cuda_parity cuda_parity_dsa cuda_device; do
+  # The worker's GPU engine path: gpu_parity (GPU vs CPU engine on the golden fixtures, a
+  # 2-stage split on one GPU) and the worker's unit tests built with the `cuda` feature
+  # (device resolution with a driver present).
+  cargo test --locked -p worker --features cuda --no-run --message-format=json --test gpu_parity --lib \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    name = m["target"]["name"]
+    if name == "gpu_parity":
+        print("gpu_parity", m["executable"])
+    elif name == "worker" and "lib" in m["target"]["kind"]:
+        print("worker_cuda_unit", m["executable"])
+' | while read -r name exe; do cp "$exe" "$dir/bin/$name"; done
+  for t in cuda_parity cuda_parity_dsa cuda_device gpu_parity worker_cuda_unit; do
     test -x "$dir/bin/$t" || { echo "gpu-check: test binary $t was not built" >&2; exit 1; }
   done
   strip "$dir"/bin/* 2>/dev/null || true
@@ -54,13 +76,20 @@ run() {
   export INDEXRELAY_KERNEL_CACHE="$dir/kernel-cache"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
   local status=0
-  for t in cuda_device cuda_parity cuda_parity_dsa; do
+  # gpu_parity reads the golden fixtures of this checkout (its compiled-in path is the build
+  # machine's).
+  export INDEXRELAY_FIXTURES="${INDEXRELAY_FIXTURES:-$PWD/tests/fixtures/golden}"
+  for t in cuda_device cuda_parity cuda_parity_dsa gpu_parity; do
     echo "== $t"
     # --include-ignored: the parity tests are #[ignore]d where there is no GPU.
     if ! "$dir/bin/$t" --include-ignored --test-threads=1 2>&1 | tee "$out/$t.log"; then
       status=1
     fi
   done
+  echo "== worker_cuda_unit (gpu::device)"
+  if ! "$dir/bin/worker_cuda_unit" gpu::device --test-threads=1 2>&1 | tee "$out/worker_cuda_unit.log"; then
+    status=1
+  fi
   echo "== cuda-bench"
   # shellcheck disable=SC2086
   if ! "$dir/bin/cuda-bench" ${BENCH_ARGS:-} 2>&1 | tee "$out/cuda-bench.md"; then
@@ -73,5 +102,5 @@ run() {
 case "$mode" in
   prepare) prepare ;;
   run) run ;;
-  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
 esac

@@ -62,6 +62,8 @@ pub struct LaunchOptions {
     pub stage_command: (PathBuf, Vec<String>),
     /// Bearer token the admin API requires (`None`: the admin API is open).
     pub admin_token: Option<String>,
+    /// `--device` passed to every spawned stage (`None`: the stages' default, auto).
+    pub device: Option<String>,
 }
 
 /// How stages are started: `$INDEXRELAY_WORKER_BIN serve` when set, else this executable's
@@ -111,6 +113,9 @@ fn spawn_worker(
     }
     if let Some(p) = &o.index_pattern {
         cmd.args(["--index-pattern", p]);
+    }
+    if let Some(d) = &o.device {
+        cmd.args(["--device", d]);
     }
     cmd.spawn().with_context(|| format!("starting {}", program.display()))
 }

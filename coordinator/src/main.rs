@@ -69,6 +69,10 @@ struct Cli {
     /// without either the admin API is open.
     #[arg(long)]
     admin_token: Option<String>,
+    /// Compute device of the stages this launcher starts (auto, cpu or cuda:N; passed to
+    /// each as `--device`).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -141,6 +145,7 @@ fn main_inner(cli: Cli) -> Result<()> {
         etcd: cli.etcd,
         etcd_prefix: cli.etcd_prefix,
         admin_token: coordinator::admin::auth::resolve_token(cli.admin_token),
+        device: cli.device,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run(opts, |r| {

@@ -1,12 +1,87 @@
 //! The single-process engine: continuous batching of several sequences through the whole
 //! model, with chunked prefill, decode, sampling and prompt logprobs.
+//!
+//! The scheduling, sampling and logprob logic is written once over [`StepBackend`]: the CPU
+//! model and cache ([`CpuBackend`], the default) or, with the `cuda` feature, the GPU ones
+//! (`crate::gpu::GpuBackend`). Either way logits reach the host sampler the same way.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
 use crate::model::{Model, Segment, StageInput};
+use crate::pattern::IndexPattern;
 use crate::sampling::{sample, Rng, SamplingParams};
+
+/// Visits one logits row: `(index into the requested rows, logits, log-probabilities)`.
+pub type LogitsVisitor<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
+
+/// What the engine runs a forward pass on: a whole-model range with its KV cache.
+pub trait StepBackend {
+    /// The model config.
+    fn config(&self) -> &ModelConfig;
+
+    /// The start-up IndexCache pattern.
+    fn pattern(&self) -> &IndexPattern;
+
+    /// Runs `segments` (token input, one token per row) through every layer, then visits the
+    /// logits and log-probabilities of the batch rows `rows`, at most `chunk` rows of logits
+    /// materialized at once.
+    fn forward_logits(
+        &mut self,
+        segments: &[Segment],
+        tokens: Vec<u32>,
+        rows: &[usize],
+        chunk: usize,
+        visit: &mut LogitsVisitor<'_>,
+    ) -> Result<()>;
+
+    /// Frees every cache block of `seq` (idempotent).
+    fn release(&mut self, seq: u64);
+
+    /// Cache blocks held by sequences.
+    fn used_blocks(&self) -> usize;
+}
+
+/// The CPU backend: the model and its host KV cache.
+pub struct CpuBackend {
+    model: Model,
+    cache: KvCache,
+}
+
+impl StepBackend for CpuBackend {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn pattern(&self) -> &IndexPattern {
+        self.model.pattern()
+    }
+
+    fn forward_logits(
+        &mut self,
+        segments: &[Segment],
+        tokens: Vec<u32>,
+        rows: &[usize],
+        chunk: usize,
+        visit: &mut LogitsVisitor<'_>,
+    ) -> Result<()> {
+        let out = self
+            .model
+            .forward(&mut self.cache, segments, StageInput::Tokens(tokens))?;
+        self.model
+            .for_each_logits_row(&out.hidden, rows, chunk, |i, logits, lp| visit(i, logits, lp))
+    }
+
+    fn release(&mut self, seq: u64) {
+        self.cache.release(seq);
+    }
+
+    fn used_blocks(&self) -> usize {
+        self.cache.used_blocks()
+    }
+}
 
 /// One generation request in token ids.
 #[derive(Clone, Debug)]
@@ -89,42 +164,68 @@ struct Active {
     done: bool,
 }
 
-/// A loaded model with its cache.
-pub struct Engine {
-    model: Model,
-    cache: KvCache,
+/// A loaded model with its cache, on the CPU unless built with another [`StepBackend`].
+pub struct Engine<B: StepBackend = CpuBackend> {
+    backend: B,
     opts: EngineOptions,
     next_seq: u64,
 }
 
-impl Engine {
+impl Engine<CpuBackend> {
     /// Wraps a full-range model.
     pub fn new(model: Model, opts: EngineOptions) -> Result<Self> {
         if !model.is_last() || model.range().start != 0 {
             return Err(WorkerError::invalid("model", "the engine needs the whole layer range"));
         }
         let cache = model.new_cache(opts.block_size, opts.cache_blocks);
-        Ok(Engine {
-            model,
-            cache,
-            opts,
-            next_seq: 1,
-        })
+        Ok(Engine::with_backend(CpuBackend { model, cache }, opts))
     }
 
     /// The model.
     pub fn model(&self) -> &Model {
-        &self.model
+        &self.backend.model
     }
 
     /// The KV cache (for inspection).
     pub fn cache(&self) -> &KvCache {
-        &self.cache
+        &self.backend.cache
+    }
+}
+
+impl<B: StepBackend> Engine<B> {
+    /// An engine over `backend` (which holds the whole layer range and its cache; the cache
+    /// sizing in `opts` is the backend's business).
+    pub fn with_backend(backend: B, opts: EngineOptions) -> Self {
+        Engine {
+            backend,
+            opts,
+            next_seq: 1,
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        self.backend.config()
+    }
+
+    /// The start-up IndexCache pattern.
+    pub fn pattern(&self) -> &IndexPattern {
+        self.backend.pattern()
+    }
+
+    /// Cache blocks held by sequences (0 once every request has finished).
+    pub fn used_blocks(&self) -> usize {
+        self.backend.used_blocks()
     }
 
     /// Checks a request against the model's limits.
     pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
-        let cfg = self.model.config();
+        let cfg = self.backend.config();
         if req.prompt.is_empty() {
             return Err(WorkerError::invalid("prompt", "must contain at least one token"));
         }
@@ -190,7 +291,7 @@ impl Engine {
             .collect();
         let result = self.run(&mut active);
         for a in &active {
-            self.cache.release(a.seq);
+            self.backend.release(a.seq);
         }
         result?;
         Ok(active.into_iter().map(|a| a.out).collect())
@@ -253,35 +354,33 @@ impl Engine {
                 wanted.push((ai, row0, RowUse::Sample));
             }
         }
-        let out = self
-            .model
-            .forward(&mut self.cache, &segments, StageInput::Tokens(tokens))?;
+        let rows: Vec<usize> = wanted.iter().map(|(_, row, _)| *row).collect();
+        let mut samples = Vec::new();
+        let mut visit = |i: usize, logits: &[f32], lp: &[f32]| {
+            let (ai, _, usage) = wanted[i];
+            let a = &mut active[ai];
+            match usage {
+                RowUse::PromptTarget(t) => {
+                    if let Some(v) = a.out.prompt_logprobs.as_mut() {
+                        v.push(Some(lp[t as usize]));
+                    }
+                }
+                RowUse::Sample => samples.push((ai, sample_row(a, logits, lp))),
+            }
+        };
+        self.backend
+            .forward_logits(&segments, tokens, &rows, self.opts.logits_chunk, &mut visit)?;
         for s in &segments {
             if let Some(a) = active.iter_mut().find(|a| a.seq == s.seq) {
                 a.prefilled = a.prefilled.max((s.start + s.len).min(a.req.prompt.len()));
             }
         }
-        let rows: Vec<usize> = wanted.iter().map(|(_, row, _)| *row).collect();
-        let mut samples = Vec::new();
-        self.model
-            .for_each_logits_row(&out.hidden, &rows, self.opts.logits_chunk, |i, logits, lp| {
-                let (ai, _, usage) = wanted[i];
-                let a = &mut active[ai];
-                match usage {
-                    RowUse::PromptTarget(t) => {
-                        if let Some(v) = a.out.prompt_logprobs.as_mut() {
-                            v.push(Some(lp[t as usize]));
-                        }
-                    }
-                    RowUse::Sample => samples.push((ai, sample_row(a, logits, lp))),
-                }
-            })?;
         for (ai, picked) in samples {
             self.accept(&mut active[ai], picked);
         }
         for a in active.iter() {
             if a.done {
-                self.cache.release(a.seq);
+                self.backend.release(a.seq);
             }
         }
         Ok(())
@@ -294,7 +393,7 @@ impl Engine {
         };
         a.out.token_ids.push(t);
         a.out.token_logprobs.push(logprob);
-        let eos = self.model.config().eos_token_ids.contains(&t);
+        let eos = self.backend.config().eos_token_ids.contains(&t);
         if eos && !a.req.ignore_eos {
             a.out.finish_reason = FinishReason::Stop;
             a.done = true;

@@ -80,6 +80,9 @@ pub enum WorkerError {
     /// A sequence id is unknown to this worker's cache.
     #[error("unknown sequence {0}")]
     UnknownSequence(u64),
+    /// The compute device (`--device`) cannot be used, or a GPU operation failed.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 impl WorkerError {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod error;
+pub mod gpu;
 pub mod huge_pages;
 pub mod kv_cache;
 pub mod membership;
@@ -25,7 +26,7 @@ pub mod telemetry;
 pub mod tokenizer;
 
 pub use config::{Architecture, ModelConfig};
-pub use engine::{Engine, EngineOptions, FinishReason, GenerationOutput, GenerationRequest};
+pub use engine::{CpuBackend, Engine, EngineOptions, FinishReason, GenerationOutput, GenerationRequest, StepBackend};
 pub use error::{Result, WorkerError};
 pub use model::{LayerRange, Model, Segment, StageInput, StageOutput};
 pub use pattern::{IndexPattern, LayerKind};

@@ -77,6 +77,14 @@ pub struct ServeArgs {
     /// Address other processes reach this worker on (default: --listen).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Compute device: auto, cpu or cuda:N (stages are served on the CPU only so far:
+    /// cuda:N is refused, auto serves on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: crate::gpu::DeviceArg,
+    /// Share of the GPU's total memory this worker may use, in (0, 1] (checked; used once
+    /// stages run on the GPU).
+    #[arg(long, default_value = "0.9", allow_negative_numbers = true)]
+    pub gpu_memory_fraction: crate::gpu::MemoryFraction,
 }
 
 /// Loads the layer range and serves it until stopped.
@@ -84,6 +92,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.block_size == 0 || a.kv_blocks == 0 {
         bail!("--block-size and --kv-blocks must be at least 1");
     }
+    crate::gpu::resolve_stage_device(a.device)?;
     let dir = match a.model {
         Some(d) => d,
         None => ensure_default_model(a.arch.into())?,

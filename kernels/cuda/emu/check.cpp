@@ -17,6 +17,7 @@
 #include "../attention.cu"
 #include "../moe.cu"
 #include "../sampling.cu"
+#include "../rows.cu"
 
 static int failures = 0;
 #define CHECK(cond, ...)                                             \
@@ -392,6 +393,65 @@ static void check_elementwise() {
     std::printf("elementwise: done\n");
 }
 
+// ---- rows.cu: gathers, scatters, adds, F32 -> BF16 ----------------------------------------
+static unsigned short ref_bf16(float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((b >> 16) | 0x40u);
+    // Round to nearest even on the 16 dropped bits, written out case by case.
+    uint32_t hi = b >> 16, lo = b & 0xffffu;
+    if (lo > 0x8000u || (lo == 0x8000u && (hi & 1u))) ++hi;
+    return (unsigned short)hi;
+}
+
+static void check_rows() {
+    Rng rng(7);
+    int src_rows = 5, dim = 70, rows = 4;
+    auto src = rng.vec((size_t)src_rows * dim);
+    std::vector<int> idx = {3, 0, 7, 3};  // 7 is out of range: a zero row
+    std::vector<float> out((size_t)rows * dim, 9.0f);
+    LAUNCH(dim3{2}, dim3{256}, gather_rows_f32, src.data(), src_rows, idx.data(), out.data(), rows, dim);
+    for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < dim; ++j) {
+            float want = idx[i] < src_rows ? src[idx[i] * dim + j] : 0.0f;
+            CHECK(out[i * dim + j] == want, "gather row %d col %d", i, j);
+        }
+    std::vector<float> pool((size_t)src_rows * dim, 1.5f), part = rng.vec((size_t)3 * dim);
+    std::vector<int> slots = {4, 1, -2};  // -2 is skipped
+    LAUNCH(dim3{1}, dim3{256}, scatter_rows_f32, part.data(), slots.data(), pool.data(), src_rows, 3, dim);
+    for (int r = 0; r < src_rows; ++r)
+        for (int j = 0; j < dim; ++j) {
+            float want = r == 4 ? part[j] : r == 1 ? part[dim + j] : 1.5f;
+            CHECK(pool[r * dim + j] == want, "scatter row %d col %d", r, j);
+        }
+    auto acc = rng.vec((size_t)src_rows * dim), before = acc;
+    std::vector<float> w = {0.25f, -3.0f, 2.0f};
+    LAUNCH(dim3{3}, dim3{64}, scatter_add_rows_f32, part.data(), slots.data(), w.data(), acc.data(), src_rows, 3, dim);
+    for (int r = 0; r < src_rows; ++r)
+        for (int j = 0; j < dim; ++j) {
+            float want = before[r * dim + j];
+            if (r == 4) want = want + 0.25f * part[j];
+            if (r == 1) want = want + -3.0f * part[dim + j];
+            CHECK(acc[r * dim + j] == want, "scatter_add row %d col %d", r, j);
+        }
+    auto a = rng.vec(1000), x = rng.vec(1000), a0 = a;
+    LAUNCH(dim3{2}, dim3{256}, add_f32, a.data(), x.data(), 1000LL);
+    for (int i = 0; i < 1000; ++i) CHECK(a[i] == a0[i] + x[i], "add %d", i);
+    auto v = rng.vec(4000, 100.0f);
+    const uint32_t special[] = {0x3f808000u, 0x3f818000u, 0x3f807fffu, 0x7f7fffffu, 0xff800000u, 0x7fc00001u, 0x80000000u};
+    for (uint32_t bits : special) {
+        float f;
+        std::memcpy(&f, &bits, 4);
+        v.push_back(f);
+    }
+    std::vector<unsigned short> h(v.size());
+    LAUNCH(dim3{4}, dim3{256}, f32_to_bf16, v.data(), h.data(), (long long)v.size());
+    for (size_t i = 0; i < v.size(); ++i) CHECK(h[i] == ref_bf16(v[i]), "bf16 %zu: %04x vs %04x", i, h[i], ref_bf16(v[i]));
+    // Ties go to even: 1 + 2^-8 rounds down to 1.0, 1 + 3·2^-8 up to 1 + 2^-6.
+    CHECK(h[4000] == 0x3f80 && h[4001] == 0x3f82 && h[4002] == 0x3f80, "bf16 ties");
+    std::printf("rows: done\n");
+}
+
 int main(int argc, char** argv) {
     std::string only = argc > 1 ? argv[1] : "";
     auto want = [&](const char* n) { return only.empty() || only == n; };
@@ -401,6 +461,7 @@ int main(int argc, char** argv) {
     if (want("attention")) check_attention();
     if (want("moe")) check_moe();
     if (want("sampling")) check_sampling();
+    if (want("rows")) check_rows();
     std::printf(failures ? "emu: %d mismatches\n" : "emu: every check matched%.0d\n", failures);
     return failures == 0 ? 0 : 1;
 }

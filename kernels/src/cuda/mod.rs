@@ -19,9 +19,10 @@ mod error;
 mod nvrtc;
 mod ops;
 mod ops_dsa;
+mod ops_rows;
 mod sources;
 
-pub use blas::{Gemm, GemmShape};
+pub use blas::{Gemm, GemmShape, StridedGemm, WeightLayout};
 pub use cache::{cache_key, CacheOutcome, KernelCache, CACHE_DIR_ENV};
 pub use context::{GpuKernels, ARCH_ENV};
 pub use device::{device_count, driver_present, probe, select_backend, Backend, CudaDeviceInfo, DeviceSpec};

@@ -64,6 +64,17 @@ pub const ALL_SOURCES: &[KernelSource] = &[
         entries: &["argmax_rows_f32", "sample_rows_f32"],
     },
     KernelSource {
+        name: "rows.cu",
+        code: include_str!("../../cuda/rows.cu"),
+        entries: &[
+            "gather_rows_f32",
+            "scatter_rows_f32",
+            "scatter_add_rows_f32",
+            "add_f32",
+            "f32_to_bf16",
+        ],
+    },
+    KernelSource {
         name: "bench.cu",
         code: include_str!("../../cuda/bench.cu"),
         entries: &["fma_peak_f32", "copy_f32x4"],
