@@ -191,8 +191,9 @@ fn bench_attention(rows: usize, stride: u32) {
 
 /// A prefill chunk's attention both ways: `rows` rows at positions `start..`, each selecting
 /// every key up to itself while that is at most `topk`, else `topk` keys (every other one
-/// near the row, like an index over a long prompt: the row's own key included).
-fn bench_prefill_attention(rows: usize, start: usize, topk: usize) {
+/// near the row, like an index over a long prompt: the row's own key included). Without
+/// `vs_absorbed` only the expanded form runs (the absorbed one takes minutes at 4096 rows).
+fn bench_prefill_attention(rows: usize, start: usize, topk: usize, vs_absorbed: bool) {
     let d = MlaDims {
         heads: 16,
         kv_rank: 512,
@@ -249,6 +250,11 @@ fn bench_prefill_attention(rows: usize, start: usize, topk: usize) {
     };
     let mut out = vec![0.0f32; rows * h * d.v_dim];
     let t_exp = best(2, || mla_prefill_attention(black_box(&inp), &mut out));
+    let name = format!("prefill attn {rows} rows @{start} topk {topk}");
+    if !vs_absorbed {
+        row(&format!("{name} expanded"), t_exp, 2.0 * macs.expanded, "");
+        return;
+    }
     let q_latent = fill(rows * h * r, 25);
     let q_rope = fill(rows * h * d.rope_dim, 26);
     let abs = MlaAttentionInputs {
@@ -265,7 +271,6 @@ fn bench_prefill_attention(rows: usize, start: usize, topk: usize) {
     };
     let mut out_abs = vec![0.0f32; rows * h * r];
     let t_abs = best(2, || sparse_mla_attention(black_box(&abs), &mut out_abs));
-    let name = format!("prefill attn {rows} rows @{start} topk {topk}");
     row(
         &format!("{name} expanded"),
         t_exp,
@@ -312,9 +317,13 @@ fn main() {
         bench_attention(64, 8);
     }
     if on("prefill") {
-        bench_prefill_attention(512, 0, 2048);
-        bench_prefill_attention(512, 1536, 2048);
-        bench_prefill_attention(512, 3584, 2048);
-        bench_prefill_attention(256, 16128, 2048);
+        bench_prefill_attention(512, 0, 2048, true);
+        bench_prefill_attention(512, 1536, 2048, true);
+        bench_prefill_attention(512, 3584, 2048, true);
+        bench_prefill_attention(256, 16128, 2048, true);
+    }
+    if on("chunk") {
+        // The whole first chunk of a 4K prompt, as `dsa_bench --chunk 4096` runs it.
+        bench_prefill_attention(4096, 0, 2048, false);
     }
 }
