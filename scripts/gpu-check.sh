@@ -31,7 +31,7 @@ prepare() {
   cp "$target/release/cuda-bench" "$dir/bin/"
   # The test binaries' paths come from cargo's JSON messages.
   cargo test --locked -p kernels --features cuda --no-run --message-format=json \
-      --test cuda_parity --test cuda_parity_dsa --test cuda_device \
+      --test cuda_parity --test cuda_parity_dsa --test cuda_device --test cuda_rows \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -61,7 +61,7 @@ for line in sys.stdin:
     elif name == "worker" and "lib" in m["target"]["kind"]:
         print("worker_cuda_unit", m["executable"])
 ' | while read -r name exe; do cp "$exe" "$dir/bin/$name"; done
-  for t in cuda_parity cuda_parity_dsa cuda_device gpu_parity worker_cuda_unit; do
+  for t in cuda_parity cuda_parity_dsa cuda_device cuda_rows gpu_parity worker_cuda_unit; do
     test -x "$dir/bin/$t" || { echo "gpu-check: test binary $t was not built" >&2; exit 1; }
   done
   strip "$dir"/bin/* 2>/dev/null || true
@@ -79,7 +79,7 @@ run() {
   # gpu_parity reads the golden fixtures of this checkout (its compiled-in path is the build
   # machine's).
   export INDEXRELAY_FIXTURES="${INDEXRELAY_FIXTURES:-$PWD/tests/fixtures/golden}"
-  for t in cuda_device cuda_parity cuda_parity_dsa gpu_parity; do
+  for t in cuda_device cuda_parity cuda_parity_dsa cuda_rows gpu_parity; do
     echo "== $t"
     # --include-ignored: the parity tests are #[ignore]d where there is no GPU.
     if ! "$dir/bin/$t" --include-ignored --test-threads=1 2>&1 | tee "$out/$t.log"; then

@@ -100,6 +100,27 @@ pub struct StridedGemm {
 }
 
 impl StridedGemm {
+    /// The same batch on the host, plainly (f64 sums): the reference the GPU is tested
+    /// against and the definition of the strides.
+    pub fn reference(&self, x: &[f32], w: &[f32], out: &mut [f32]) {
+        for b in 0..self.batch {
+            for i in 0..self.m {
+                for j in 0..self.n {
+                    let mut acc = 0.0f64;
+                    for kk in 0..self.k {
+                        let wv = match self.w_layout {
+                            WeightLayout::OutIn => w[b * self.w_stride + j * self.w_ld + kk],
+                            WeightLayout::InOut => w[b * self.w_stride + kk * self.w_ld + j],
+                        };
+                        acc += x[b * self.x_stride + i * self.x_ld + kk] as f64 * wv as f64;
+                    }
+                    let o = &mut out[b * self.out_stride + i * self.out_ld + j];
+                    *o = (self.alpha as f64 * acc + self.beta as f64 * *o as f64) as f32;
+                }
+            }
+        }
+    }
+
     /// One contiguous `out[m×n] = alpha · x[m×k] · w[n×k]ᵀ + beta · out`.
     pub fn linear(m: usize, n: usize, k: usize) -> Self {
         StridedGemm {

@@ -285,21 +285,7 @@ pub fn forward(
     // Absorb W_uk into the queries: q_latent[row, head] = q_nope[row, head] · W_uk[head],
     // W_uk[head] the [nope × rank] rows of kv_b_proj for that head.
     let mut q_latent = zeros(rows * h * r)?;
-    let absorb = StridedGemm {
-        m: rows,
-        n: r,
-        k: dn,
-        batch: h,
-        x_ld: h * dn,
-        x_stride: dn,
-        w_layout: WeightLayout::InOut,
-        w_ld: r,
-        w_stride: (dn + dv) * r,
-        out_ld: h * r,
-        out_stride: r,
-        alpha: 1.0,
-        beta: 0.0,
-    };
+    let absorb = absorb_gemm(rows, h, dn, dv, r);
     dev(g.strided_f32(
         &q_nope.slice(..),
         &w.kv_b.slice(..),
@@ -341,21 +327,7 @@ pub fn forward(
     // Expand through W_uv: v[row, head] = o_latent[row, head] · W_uv[head]ᵀ, W_uv[head] the
     // [v × rank] rows of kv_b_proj after that head's nope rows.
     let mut v = zeros(rows * h * dv)?;
-    let expand = StridedGemm {
-        m: rows,
-        n: dv,
-        k: r,
-        batch: h,
-        x_ld: h * r,
-        x_stride: r,
-        w_layout: WeightLayout::OutIn,
-        w_ld: r,
-        w_stride: (dn + dv) * r,
-        out_ld: h * dv,
-        out_stride: dv,
-        alpha: 1.0,
-        beta: 0.0,
-    };
+    let expand = expand_gemm(rows, h, dn, dv, r);
     dev(g.strided_f32(
         &o_latent.slice(..),
         &w.kv_b.slice(dn * r..),
@@ -370,6 +342,49 @@ pub fn forward(
     };
     // The residual add rides on the GEMM: hidden = v · W_oᵀ + hidden.
     w.o.forward(g, &va, rows, &mut hidden.slice_mut(..), 1.0, 1.0)
+}
+
+/// The batch that absorbs W_uk into the queries: per head, `q_latent[row, head] =
+/// q_nope[row, head] · W_uk[head]`, with `q_nope` `rows × heads × nope`, `W_uk[head]` the
+/// `[nope × rank]` rows of `kv_b_proj` (`[heads · (nope + v), rank]`) for that head, and
+/// `q_latent` `rows × heads × rank`.
+fn absorb_gemm(rows: usize, h: usize, dn: usize, dv: usize, r: usize) -> StridedGemm {
+    StridedGemm {
+        m: rows,
+        n: r,
+        k: dn,
+        batch: h,
+        x_ld: h * dn,
+        x_stride: dn,
+        w_layout: WeightLayout::InOut,
+        w_ld: r,
+        w_stride: (dn + dv) * r,
+        out_ld: h * r,
+        out_stride: r,
+        alpha: 1.0,
+        beta: 0.0,
+    }
+}
+
+/// The batch that expands latent outputs through W_uv (applied to `kv_b_proj` from offset
+/// `nope · rank`): per head, `v[row, head] = o_latent[row, head] · W_uv[head]ᵀ`, `W_uv[head]`
+/// the `[v × rank]` rows after that head's nope rows, `v` `rows × heads × v_dim`.
+fn expand_gemm(rows: usize, h: usize, dn: usize, dv: usize, r: usize) -> StridedGemm {
+    StridedGemm {
+        m: rows,
+        n: dv,
+        k: r,
+        batch: h,
+        x_ld: h * r,
+        x_stride: r,
+        w_layout: WeightLayout::OutIn,
+        w_ld: r,
+        w_stride: (dn + dv) * r,
+        out_ld: h * dv,
+        out_stride: dv,
+        alpha: 1.0,
+        beta: 0.0,
+    }
 }
 
 /// The lightning indexer over all rows; the segments that run the layer as Full write their
@@ -456,4 +471,71 @@ fn run_indexer(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "{what} [{i}]: {x} vs {y}");
+        }
+    }
+
+    /// The strided batches equal the CPU model's per-head absorbed-form products
+    /// (`model::attention::absorbed_attention`, with `w_uk_t` and `w_uv` built as in
+    /// `model::weights`): the strides, leading dimensions and layouts are right.
+    #[test]
+    fn absorb_and_expand_batches_equal_the_cpu_per_head_products() {
+        let (rows, h, dn, dv, r) = (3, 4, 5, 6, 7);
+        let kv_b = rand(h * (dn + dv) * r, 1);
+        let q_nope = rand(rows * h * dn, 2);
+        let o_latent = rand(rows * h * r, 3);
+        let mut got = vec![0.0; rows * h * r];
+        absorb_gemm(rows, h, dn, dv, r).reference(&q_nope, &kv_b, &mut got);
+        let mut got_v = vec![0.0; rows * h * dv];
+        expand_gemm(rows, h, dn, dv, r).reference(&o_latent, &kv_b[dn * r..], &mut got_v);
+        let (mut want, mut want_v) = (vec![0.0; rows * h * r], vec![0.0; rows * h * dv]);
+        for head in 0..h {
+            let base = head * (dn + dv) * r;
+            let uk = &kv_b[base..base + dn * r];
+            let mut w_uk_t = vec![0.0; r * dn];
+            for i in 0..dn {
+                for j in 0..r {
+                    w_uk_t[j * dn + i] = uk[i * r + j];
+                }
+            }
+            let nope: Vec<f32> = (0..rows)
+                .flat_map(|i| q_nope[(i * h + head) * dn..(i * h + head + 1) * dn].to_vec())
+                .collect();
+            let mut lat = vec![0.0; rows * r];
+            kernels::matmul_t(&nope, &w_uk_t, &mut lat, rows, dn, r);
+            let w_uv = &kv_b[base + dn * r..base + (dn + dv) * r];
+            let ol: Vec<f32> = (0..rows)
+                .flat_map(|i| o_latent[(i * h + head) * r..(i * h + head + 1) * r].to_vec())
+                .collect();
+            let mut vh = vec![0.0; rows * dv];
+            kernels::matmul_t(&ol, w_uv, &mut vh, rows, r, dv);
+            for i in 0..rows {
+                want[(i * h + head) * r..(i * h + head + 1) * r].copy_from_slice(&lat[i * r..(i + 1) * r]);
+                want_v[(i * h + head) * dv..(i * h + head + 1) * dv].copy_from_slice(&vh[i * dv..(i + 1) * dv]);
+            }
+        }
+        assert_close(&got, &want, "absorb");
+        assert_close(&got_v, &want_v, "expand");
+    }
 }

@@ -189,14 +189,8 @@ impl DevLayer {
             cfg.qk_rope_head_dim,
             cfg.kv_lora_rank,
         );
-        let (qlr, d, dq) = (cfg.q_lora_rank, cfg.hidden_size, dn + dr);
-        let mut nope = Vec::with_capacity(h * dn * qlr);
-        let mut pe = Vec::with_capacity(h * dr * qlr);
-        for head in 0..h {
-            let base = head * dq * qlr;
-            nope.extend_from_slice(&a.q_b.w[base..base + dn * qlr]);
-            pe.extend_from_slice(&a.q_b.w[base + dn * qlr..base + dq * qlr]);
-        }
+        let (qlr, d) = (cfg.q_lora_rank, cfg.hidden_size);
+        let (nope, pe) = split_heads(&a.q_b.w, h, dn, dr, qlr);
         let (ckv_w, pe_w) = a.kv_a.w.split_at(r * d);
         let mlp = match &lw.mlp {
             Mlp::Dense(m) => DevMlp::Dense(DevSwiGlu::from_host(k, m, dtype)?),
@@ -245,6 +239,19 @@ impl DevLayer {
     }
 }
 
+/// Splits a `[heads · (a + b), cols]` row-major matrix whose rows are per head `[a | b]`
+/// into the `a` rows of every head (`[heads · a, cols]`) and the `b` rows (`[heads · b, cols]`).
+fn split_heads(w: &[f32], heads: usize, a: usize, b: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut first = Vec::with_capacity(heads * a * cols);
+    let mut second = Vec::with_capacity(heads * b * cols);
+    for head in 0..heads {
+        let base = head * (a + b) * cols;
+        first.extend_from_slice(&w[base..base + a * cols]);
+        second.extend_from_slice(&w[base + a * cols..base + (a + b) * cols]);
+    }
+    (first, second)
+}
+
 fn moe_from_host(k: &GpuKernels, cfg: &ModelConfig, m: &MoeWeights, dtype: GpuWeightDtype) -> Result<DevMoe> {
     Ok(DevMoe {
         router: DevLinear::upload(k, &m.router, cfg.n_routed_experts, cfg.hidden_size, GpuWeightDtype::F32)?,
@@ -260,4 +267,23 @@ fn moe_from_host(k: &GpuKernels, cfg: &ModelConfig, m: &MoeWeights, dtype: GpuWe
             .map(|s| DevSwiGlu::from_host(k, s, dtype))
             .transpose()?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q_b_split_keeps_each_heads_nope_and_rope_rows() {
+        // 3 heads of [nope 2 | rope 1] rows, 4 columns; value = row * 10 + column.
+        let (heads, dn, dr, cols) = (3, 2, 1, 4);
+        let w: Vec<f32> = (0..heads * (dn + dr) * cols)
+            .map(|i| ((i / cols) * 10 + i % cols) as f32)
+            .collect();
+        let (nope, pe) = split_heads(&w, heads, dn, dr, cols);
+        let rows = |m: &[f32]| m.chunks(cols).map(|r| r[0] as usize / 10).collect::<Vec<_>>();
+        assert_eq!(rows(&nope), vec![0, 1, 3, 4, 6, 7]);
+        assert_eq!(rows(&pe), vec![2, 5, 8]);
+        assert!(nope.chunks(cols).all(|r| (0..cols).all(|c| r[c] as usize % 10 == c)));
+    }
 }
