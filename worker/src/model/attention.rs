@@ -1,6 +1,8 @@
 //! MLA attention (absorbed form for decode, expanded form for prefill chunks), the lightning
 //! indexer, and the IndexCache hand-off.
 
+use rayon::prelude::*;
+
 use kernels::{IndexerInputs, MlaAttentionInputs, MlaDims, MlaKeyPlan, MlaPrefillInputs, RopeStyle};
 
 use super::weights::{AttentionWeights, IndexerWeights};
@@ -77,6 +79,11 @@ pub fn check_relay(s: &Segment, layer: usize) -> Result<()> {
     Ok(())
 }
 
+/// The position of every row of `segments`, in row order.
+fn row_positions(segments: &[Segment]) -> Vec<usize> {
+    segments.iter().flat_map(|s| s.start..s.start + s.len).collect()
+}
+
 fn rope_rows(x: &mut [f32], width: usize, offset: usize, dim: usize, cos: &[f32], sin: &[f32], style: RopeStyle) {
     for chunk in x.chunks_exact_mut(width) {
         kernels::apply_rope(&mut chunk[offset..offset + dim], cos, sin, style);
@@ -105,29 +112,35 @@ pub fn forward(
     let mut q = w.q_b.forward(&qr, rows);
     let kv = w.kv_a.forward(x, rows);
 
-    let half = dr / 2;
-    let (mut cos, mut sin) = (vec![0.0; half], vec![0.0; half]);
-    let mut ckv = vec![0.0; r];
-    let mut kpe = vec![0.0; dr];
+    // Rotate queries and build each row's cache entry in parallel (the f64 sin/cos of the
+    // rotary table is per row); only the cache writes are serial.
+    let positions = row_positions(segments);
+    let mut ckv = vec![0.0; rows * r];
+    let mut kpe = vec![0.0; rows * dr];
+    q.par_chunks_mut(h * dq)
+        .zip(kv.par_chunks(r + dr))
+        .zip(ckv.par_chunks_mut(r).zip(kpe.par_chunks_mut(dr)))
+        .zip(positions.par_iter())
+        .for_each_init(
+            || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
+            |(cos, sin), (((q_row, kv_row), (ckv_row, kpe_row)), &pos)| {
+                ctx.rope.cos_sin(pos, cos, sin);
+                rope_rows(q_row, dq, dn, dr, cos, sin, RopeStyle::Interleaved);
+                kernels::rms_norm(&kv_row[..r], &w.kv_a_norm, LATENT_NORM_EPS, ckv_row);
+                kpe_row.copy_from_slice(&kv_row[r..]);
+                kernels::apply_rope(kpe_row, cos, sin, RopeStyle::Interleaved);
+            },
+        );
     let mut row = 0;
     for s in segments {
-        for i in 0..s.len {
-            let pos = s.start + i;
-            ctx.rope.cos_sin(pos, &mut cos, &mut sin);
-            rope_rows(
-                &mut q[row * h * dq..(row + 1) * h * dq],
-                dq,
-                dn,
-                dr,
-                &cos,
-                &sin,
-                RopeStyle::Interleaved,
-            );
-            let kv_row = &kv[row * (r + dr)..(row + 1) * (r + dr)];
-            kernels::rms_norm(&kv_row[..r], &w.kv_a_norm, LATENT_NORM_EPS, &mut ckv);
-            kpe.copy_from_slice(&kv_row[r..]);
-            kernels::apply_rope(&mut kpe, &cos, &sin, RopeStyle::Interleaved);
-            cache.write_kv(ctx.cache_layer, s.seq, pos, &ckv, &kpe)?;
+        for pos in s.start..s.start + s.len {
+            cache.write_kv(
+                ctx.cache_layer,
+                s.seq,
+                pos,
+                &ckv[row * r..][..r],
+                &kpe[row * dr..][..dr],
+            )?;
             row += 1;
         }
     }
@@ -320,26 +333,23 @@ fn run_indexer(
     for v in &mut weights {
         *v *= scale;
     }
-    let half = dr / 2;
-    let (mut cos, mut sin) = (vec![0.0; half], vec![0.0; half]);
+    // Each indexer head is [rope | nope]: rope part first. Rotated in parallel per row.
+    let positions = row_positions(segments);
+    qi.par_chunks_mut(hi * di)
+        .zip(ki.par_chunks_mut(di))
+        .zip(positions.par_iter())
+        .for_each_init(
+            || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
+            |(cos, sin), ((q_row, k_row), &pos)| {
+                ctx.rope.cos_sin(pos, cos, sin);
+                rope_rows(q_row, di, 0, dr, cos, sin, style);
+                kernels::apply_rope(&mut k_row[..dr], cos, sin, style);
+            },
+        );
     let mut row = 0;
     for s in segments {
-        for i in 0..s.len {
-            let pos = s.start + i;
-            ctx.rope.cos_sin(pos, &mut cos, &mut sin);
-            // Each indexer head is [rope | nope]: rope part first.
-            rope_rows(
-                &mut qi[row * hi * di..(row + 1) * hi * di],
-                di,
-                0,
-                dr,
-                &cos,
-                &sin,
-                style,
-            );
-            let k = &mut ki[row * di..(row + 1) * di];
-            kernels::apply_rope(&mut k[..dr], &cos, &sin, style);
-            cache.write_index_key(ctx.cache_layer, s.seq, pos, k)?;
+        for pos in s.start..s.start + s.len {
+            cache.write_index_key(ctx.cache_layer, s.seq, pos, &ki[row * di..][..di])?;
             row += 1;
         }
     }
