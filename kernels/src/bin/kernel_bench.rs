@@ -297,6 +297,8 @@ fn main() {
     if on("matmul") {
         bench_matmul(1024, 1024, 1024, 10);
         bench_matmul(4096, 2048, 2048, 3);
+        bench_matmul(4096, 1024, 3072, 3);
+        bench_matmul(4096, 768, 3072, 3);
         for m in [1, 2, 4, 8, 16, 32] {
             bench_matmul(m, 4096, 4096, 20);
         }

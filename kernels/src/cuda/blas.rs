@@ -32,8 +32,8 @@ impl GpuKernels {
         // SAFETY: only tries to dlopen the candidate names.
         if !unsafe { sys::is_culib_present() } {
             return Err(CudaError::LibraryMissing {
-                library: "cuBLAS (libcublas.so.12)",
-                hint: "install the CUDA toolkit's cuBLAS or PyPI's nvidia-cublas-cu12 and put it on LD_LIBRARY_PATH"
+                library: "cuBLAS (libcublas.so.13 or .so.12)",
+                hint: "install the CUDA toolkit's cuBLAS or PyPI's nvidia-cublas and put it on LD_LIBRARY_PATH"
                     .into(),
             });
         }

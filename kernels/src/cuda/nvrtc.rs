@@ -105,7 +105,7 @@ pub fn ensure_nvrtc() -> Result<()> {
             Ok(())
         } else {
             Err(format!(
-                "libnvrtc.so.12 was not found; install PyPI's nvidia-cuda-nvrtc-cu12 (or the CUDA toolkit) and put \
+                "libnvrtc (.so.13 or .so.12) was not found; install PyPI's nvidia-cuda-nvrtc (or the CUDA toolkit) and put \
                  its lib directory on LD_LIBRARY_PATH, or set {NVRTC_LIB_ENV} to the library's path"
             ))
         }
