@@ -1,6 +1,8 @@
-//! The coordinator's view of the pipeline: one lazily connected client per stage.
+//! The coordinator's view of the pipeline: one lazily connected client per stage, and the
+//! running stage plan (which a live re-plan changes; the pipeline order never changes).
 
 use std::ops::Range;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use proto::v1::stage_client::StageClient;
@@ -13,15 +15,19 @@ use worker::telemetry::{request_with, TraceContext};
 pub struct StageEndpoint {
     /// gRPC address (`host:port`).
     pub addr: String,
-    /// Layers it serves.
+    /// Layers it was started with (the running range is [`Cluster::plan`]'s).
     pub layers: Range<usize>,
 }
 
 /// Clients for every stage, in pipeline order.
 pub struct Cluster {
-    /// The stages.
+    /// The stages, as started.
     pub stages: Vec<StageEndpoint>,
     clients: Vec<StageClient<Channel>>,
+    /// The running plan: each stage's layer range now.
+    plan: RwLock<Vec<Range<usize>>>,
+    /// Held while the plan is being changed (one re-plan at a time).
+    pub replan_lock: tokio::sync::Mutex<()>,
 }
 
 fn client(addr: &str) -> Result<StageClient<Channel>, String> {
@@ -43,7 +49,46 @@ impl Cluster {
     /// Clients for `stages` (no connection is made until first use).
     pub fn new(stages: Vec<StageEndpoint>) -> Result<Self, String> {
         let clients = stages.iter().map(|s| client(&s.addr)).collect::<Result<_, _>>()?;
-        Ok(Cluster { stages, clients })
+        let plan = RwLock::new(stages.iter().map(|s| s.layers.clone()).collect());
+        Ok(Cluster {
+            stages,
+            clients,
+            plan,
+            replan_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Each stage's layer range now.
+    pub fn plan(&self) -> Vec<Range<usize>> {
+        self.plan.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records the plan the stages now serve.
+    pub fn set_plan(&self, plan: Vec<Range<usize>>) {
+        *self.plan.write().unwrap_or_else(|p| p.into_inner()) = plan;
+    }
+
+    /// Has stage `i` load and serve `layers` (with `pattern`'s indexers); the error names
+    /// the stage.
+    pub async fn reconfigure(
+        &self,
+        i: usize,
+        layers: Range<usize>,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<pb::ReconfigureResponse, tonic::Status> {
+        let mut c = self.clients[i].clone();
+        let req = pb::ReconfigureRequest {
+            layer_start: layers.start as u32,
+            layer_end: layers.end as u32,
+            index_pattern: pattern.to_string(),
+        };
+        match tokio::time::timeout(timeout, c.reconfigure(req)).await {
+            Ok(r) => r.map(|r| r.into_inner()),
+            Err(_) => Err(tonic::Status::unavailable(format!(
+                "stage {i} did not load layers {layers:?} within {timeout:?}"
+            ))),
+        }
     }
 
     /// Sends a micro-batch to stage 0, whose span continues `trace`.

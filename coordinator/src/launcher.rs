@@ -200,6 +200,19 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
             }
             match cluster.info(i, Duration::from_secs(1)).await {
                 Ok(info) => {
+                    let serves = info.layer_start as usize..info.layer_end as usize;
+                    if serves != st.layers && o.etcd.is_some() && info.active_sequences == 0 {
+                        // A worker that joined through etcd may still serve the range an
+                        // earlier coordinator's live re-plan gave it: move it to this plan.
+                        tracing::info!(stage = i, from = ?serves, to = ?st.layers, "moving a stage to the planned range");
+                        cluster
+                            .reconfigure(i, st.layers.clone(), &pattern, Duration::from_secs(600))
+                            .await
+                            .map_err(|e| {
+                                anyhow::anyhow!("stage {i} cannot load layers {:?}: {}", st.layers, e.message())
+                            })?;
+                        continue;
+                    }
                     if info.layer_start as usize != st.layers.start || info.layer_end as usize != st.layers.end {
                         bail!(
                             "stage {i} serves layers {}..{}, expected {:?}",
@@ -253,6 +266,8 @@ pub async fn run(o: LaunchOptions, on_ready: impl FnOnce(&Ready)) -> Result<()> 
         app: app.clone(),
         cluster: cluster.clone(),
         num_layers: plan.last().map_or(0, |r| r.end),
+        // A hand-pinned split is the operator's: `pattern set` never re-plans it.
+        plan_pinned: o.split.is_some(),
     };
     // Calibration sets travel in one message.
     let admin = tonic::service::interceptor::InterceptedService::new(

@@ -84,6 +84,8 @@ enum Cmd {
     Submit(SubmitRequest, mpsc::UnboundedSender<Event>, Instant),
     Report(pb::TokenReport),
     StageHealth(usize, bool),
+    /// Hold or resume admission; answered once the scheduler task obeys.
+    Hold(bool, tokio::sync::oneshot::Sender<()>),
 }
 
 /// Scheduler settings.
@@ -113,6 +115,7 @@ pub struct SchedulerHandle {
     running: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
     control: Arc<ClusterControl>,
+    held: Arc<AtomicBool>,
 }
 
 impl SchedulerHandle {
@@ -159,6 +162,21 @@ impl SchedulerHandle {
     pub fn control(&self) -> &Arc<ClusterControl> {
         &self.control
     }
+
+    /// Holds (`true`) or resumes admission: while held, new requests are accepted and wait
+    /// in the queue, and none starts on the stages (a live re-plan needs them idle). Returns
+    /// once the scheduler task has obeyed, so after a hold [`Self::running`] only falls.
+    pub async fn hold_admission(&self, held: bool) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Cmd::Hold(held, tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Whether admission is held.
+    pub fn admission_held(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
+    }
 }
 
 struct Seq {
@@ -194,6 +212,7 @@ struct State {
     healthy: Arc<AtomicBool>,
     running: Arc<AtomicUsize>,
     waiting_n: Arc<AtomicUsize>,
+    held: Arc<AtomicBool>,
 }
 
 /// Starts the scheduler task and the stage health poller.
@@ -205,6 +224,7 @@ pub fn start(cluster: Arc<Cluster>, opts: SchedulerOptions) -> SchedulerHandle {
         running: Arc::new(AtomicUsize::new(0)),
         waiting: Arc::new(AtomicUsize::new(0)),
         control: opts.control.clone(),
+        held: Arc::new(AtomicBool::new(false)),
     };
     let n = cluster.stages.len();
     let mut st = State {
@@ -221,6 +241,7 @@ pub fn start(cluster: Arc<Cluster>, opts: SchedulerOptions) -> SchedulerHandle {
         healthy: handle.healthy.clone(),
         running: handle.running.clone(),
         waiting_n: handle.waiting.clone(),
+        held: handle.held.clone(),
     };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -238,6 +259,12 @@ pub fn start(cluster: Arc<Cluster>, opts: SchedulerOptions) -> SchedulerHandle {
                     Some(Cmd::Submit(req, tx, at)) => st.enqueue(req, tx, at),
                     Some(Cmd::Report(r)) => st.on_report(r),
                     Some(Cmd::StageHealth(i, up)) => st.on_health(i, up),
+                    Some(Cmd::Hold(held, done)) => {
+                        // Admission runs at the top of the loop, before counts are published:
+                        // from here on nothing starts until resumed.
+                        st.held.store(held, Ordering::Relaxed);
+                        let _ = done.send(());
+                    }
                     None => break,
                 },
                 _ = tick.tick() => st.reap_cancelled(),
@@ -291,9 +318,9 @@ impl State {
     }
 
     /// Moves waiting requests in while the KV capacity allows (FIFO, no overtaking); none
-    /// while a worker is drained.
+    /// while a worker is drained or admission is held for a re-plan.
     fn admit(&mut self) {
-        if self.opts.control.admission_blocked().is_some() {
+        if self.opts.control.admission_blocked().is_some() || self.held.load(Ordering::Relaxed) {
             return;
         }
         while let Some((_, req, _, _)) = self.waiting.front() {

@@ -1,7 +1,10 @@
 //! The admin API and `irctl` against a real local cluster: status, drain/undrain, live
 //! pattern changes (new requests only, equal to the single-process engine with that
-//! pattern), the pattern search (same commit order as a brute-force evaluation with the
-//! engine), token authentication, and clear errors for bad arguments.
+//! pattern), live re-planning of the stages ([`replan`]), the pattern search (same commit
+//! order as a brute-force evaluation with the engine), token authentication, and clear
+//! errors for bad arguments.
+
+mod replan;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -240,6 +243,7 @@ async fn pattern_set_changes_new_requests_only_and_equals_the_engine() {
     let p = admin_client(&c.addr)
         .set_pattern(pb::SetPatternRequest {
             pattern: new_pattern.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -459,6 +463,7 @@ async fn admin_calls_need_the_token_when_one_is_configured() {
     let err = admin
         .set_pattern(pb::SetPatternRequest {
             pattern: "FSSSSS".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

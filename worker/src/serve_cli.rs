@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::embedded::ensure_default_model;
-use crate::membership::{keep_registered, wait_for_assignment, WorkerRecord};
+use crate::membership::{wait_for_assignment, Registration, WorkerRecord};
 use crate::{Architecture, Model};
 
 /// Architecture of the embedded default model.
@@ -100,20 +100,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let mut next = a.next.clone();
-        if let Some(endpoints) = &a.etcd {
+        // Registration runs on its own task for the life of the process.
+        let registration = a.etcd.as_ref().map(|endpoints| {
             let record = WorkerRecord {
                 worker_id: a.worker_id.clone(),
                 addr: a.advertise.clone().unwrap_or_else(|| a.listen.to_string()),
                 model: a.model_name.clone(),
+                layer_start: None,
+                layer_end: None,
             };
-            // Registration runs on its own task for the life of the process.
-            tokio::spawn(keep_registered(
-                endpoints.clone(),
-                a.etcd_prefix.clone(),
-                record,
-                a.lease_ttl,
-            ));
-        }
+            Registration::start(endpoints.clone(), a.etcd_prefix.clone(), record, a.lease_ttl)
+        });
         let assigned = match (a.layer_start.zip(a.layer_end), &a.etcd) {
             (Some(range), _) => range,
             (None, Some(endpoints)) => {
@@ -131,11 +128,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
         };
         let range = crate::LayerRange::new(assigned.0, assigned.1);
         let pattern = a.index_pattern.clone();
+        let load_dir = dir.clone();
         let model = tokio::task::spawn_blocking(move || {
-            let cfg = crate::ModelConfig::from_dir(&dir)?;
-            Model::load_range(&dir, cfg, pattern.as_deref(), range)
+            let cfg = crate::ModelConfig::from_dir(&load_dir)?;
+            Model::load_range(&load_dir, cfg, pattern.as_deref(), range)
         })
         .await??;
+        if let Some(r) = &registration {
+            r.publish_range(range.start, range.end);
+        }
         crate::stage::serve(
             model,
             crate::stage::ServeOptions {
@@ -146,6 +147,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 block_size: a.block_size,
                 kv_blocks: a.kv_blocks,
                 logits_chunk: 64,
+                model_dir: dir,
+                registration,
             },
         )
         .await?;

@@ -41,6 +41,8 @@ pub struct Search {
     /// Layers that must stay Full.
     forced: Vec<bool>,
     apply: bool,
+    /// The search kept each stage's first layer Full: the result belongs to this split.
+    per_stage: bool,
 }
 
 fn invalid(field: impl Into<String>, msg: impl Into<String>) -> Status {
@@ -102,8 +104,8 @@ impl Search {
         let mut forced = vec![false; n];
         forced[0] = true;
         if req.per_stage {
-            for s in &api.cluster.stages {
-                forced[s.layers.start] = true;
+            for layers in api.cluster.plan() {
+                forced[layers.start] = true;
             }
         }
         let min = forced.iter().filter(|f| **f).count();
@@ -135,6 +137,7 @@ impl Search {
             target_full,
             forced,
             apply: req.apply,
+            per_stage: req.per_stage,
         })
     }
 
@@ -237,9 +240,13 @@ impl Search {
         }
         let pattern = to_string(&pattern);
         if self.apply {
+            // As `pattern set` does, re-planning if the planner splits it otherwise, except
+            // for a per-stage search, whose result was chosen for the running split.
             api.prepare_everywhere(&pattern).await?;
-            let active = api.app.scheduler.control().set_pattern(&pattern);
-            tracing::info!(pattern = %active.pattern, epoch = active.epoch, "calibrated pattern applied");
+            let keep_plan = self.per_stage;
+            api.activate_pattern(&pattern, keep_plan, super::replan::DEFAULT_DRAIN_TIMEOUT)
+                .await?;
+            tracing::info!(%pattern, "calibrated pattern applied");
         }
         Ok(pb::CalibrateResult {
             steps,

@@ -3,13 +3,16 @@
 //!
 //! Pattern changes are per request: the active pattern is stamped on each request when it
 //! is submitted and travels with every segment of it to the stages, so running sequences
-//! keep theirs and calibration candidates run side by side. The stage plan is not changed
-//! live: any split is correct under any pattern (a stage starting on a Shared layer gets
-//! the relay), and moving layers would mean reloading weights; the planner's suggestion for
-//! the new pattern is reported instead.
+//! keep theirs and calibration candidates run side by side. Any split is correct under any
+//! pattern (a stage starting on a Shared layer gets the relay), but the planner balances
+//! Full layers (which cost more) across stages, so a new pattern may call for another split:
+//! `SetPattern` then re-plans live (see [`replan`]): admission is held (requests queue, none
+//! is refused), the running requests finish, the stages whose range moves reload it, and
+//! admission resumes. A split pinned with `--split` at launch, or `keep_plan`, is kept.
 
 pub mod auth;
 pub mod calibrate;
+pub mod replan;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,6 +39,8 @@ pub struct AdminApi {
     pub cluster: Arc<Cluster>,
     /// Decoder layers of the model.
     pub num_layers: usize,
+    /// The operator pinned the split at launch (`--split`): never re-planned.
+    pub plan_pinned: bool,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::CalibrateEvent, Status>> + Send>>;
@@ -71,6 +76,9 @@ impl AdminApi {
             full_layers: full.iter().filter(|f| **f).count() as u32,
             num_layers: self.num_layers as u32,
             suggested_plan: suggested,
+            plan_changed: false,
+            plan: spans(&self.cluster.plan(), &full),
+            plan_pinned: self.plan_pinned,
         }
     }
 
@@ -92,11 +100,12 @@ impl AdminApi {
 
     fn worker_status(&self, i: usize, info: &Result<pb::StageInfo, String>, drained: bool) -> pb::WorkerStatus {
         let st = &self.cluster.stages[i];
+        let layers = self.cluster.plan()[i].clone();
         let mut w = pb::WorkerStatus {
             address: st.addr.clone(),
             stage: i as u32,
-            layer_start: st.layers.start as u32,
-            layer_end: st.layers.end as u32,
+            layer_start: layers.start as u32,
+            layer_end: layers.end as u32,
             drained,
             ..Default::default()
         };
@@ -208,15 +217,15 @@ impl Admin for AdminApi {
             .map(|i| self.worker_status(i, &infos[i], drained.get(i).copied().unwrap_or(false)))
             .collect();
         let pattern = self.pattern_info();
-        let plan: Vec<_> = self.cluster.stages.iter().map(|s| s.layers.clone()).collect();
         Ok(Response::new(pb::ClusterStatus {
             model: self.app.model_name.clone(),
             workers,
-            plan: spans(&plan, &full_flags(&pattern.pattern)),
+            plan: pattern.plan.clone(),
             pattern: Some(pattern),
             requests_running: self.app.scheduler.running() as u32,
             requests_waiting: self.app.scheduler.waiting() as u32,
             accepting: control.admission_blocked().is_none(),
+            replanning: self.app.scheduler.admission_held(),
         }))
     }
 
@@ -233,11 +242,15 @@ impl Admin for AdminApi {
     }
 
     async fn set_pattern(&self, req: Request<pb::SetPatternRequest>) -> Result<Response<pb::PatternInfo>, Status> {
-        let pattern = req.into_inner().pattern.trim().to_ascii_uppercase();
+        let req = req.into_inner();
+        let pattern = req.pattern.trim().to_ascii_uppercase();
+        let drain_timeout = match req.drain_timeout_ms {
+            0 => replan::DEFAULT_DRAIN_TIMEOUT,
+            ms => Duration::from_millis(ms.into()),
+        };
         self.prepare_everywhere(&pattern).await?;
-        let active = self.app.scheduler.control().set_pattern(&pattern);
-        tracing::info!(pattern = %active.pattern, epoch = active.epoch, "IndexCache pattern changed");
-        Ok(Response::new(self.pattern_info()))
+        let info = self.activate_pattern(&pattern, req.keep_plan, drain_timeout).await?;
+        Ok(Response::new(info))
     }
 
     async fn calibrate(&self, req: Request<pb::CalibrateRequest>) -> Result<Response<EventStream>, Status> {
@@ -253,6 +266,7 @@ impl AdminApi {
             app: self.app.clone(),
             cluster: self.cluster.clone(),
             num_layers: self.num_layers,
+            plan_pinned: self.plan_pinned,
         })
     }
 }

@@ -35,7 +35,11 @@ pub fn process(state: &StageState, req: pb::ForwardRequest) -> Outbound {
 }
 
 fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
-    let model = &state.model;
+    // `Reconfigure` swaps model and cache together under the cache lock: take the model
+    // while holding it, so a batch never runs one range's layers on another range's cache.
+    let mut cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
+    let model = state.model();
+    let model = &*model;
     let segments = req
         .segments
         .iter()
@@ -79,10 +83,8 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
         })
         .collect::<Result<Vec<_>>>()?;
     let patterns: Vec<&IndexPattern> = parsed.iter().map(|p| p.as_ref().unwrap_or(model.pattern())).collect();
-    let out = {
-        let mut cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
-        model.forward_with_patterns(&mut cache, &segments, &patterns, input)?
-    };
+    let out = model.forward_with_patterns(&mut cache, &segments, &patterns, input)?;
+    drop(cache);
     if !model.is_last() {
         for (s, r) in req.segments.iter_mut().zip(&out.relay) {
             s.relay = r.as_ref().map(|rows| {
@@ -95,7 +97,7 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
         req.input = Some(Input::Hidden(proto::f32s_to_bytes(&out.hidden)));
         return Ok(Outbound::Next(req));
     }
-    let results = sample_and_score(state, &req.segments, &out.hidden)?;
+    let results = sample_and_score(state, model, &req.segments, &out.hidden)?;
     Ok(Outbound::Report(
         req.report_to,
         pb::TokenReport {
@@ -112,7 +114,12 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
 
 /// The last stage's work: prompt logprobs for the requested rows and a sampled token for
 /// segments that end on a sampling row.
-fn sample_and_score(state: &StageState, segments: &[pb::Segment], hidden: &[f32]) -> Result<Vec<pb::SegmentResult>> {
+fn sample_and_score(
+    state: &StageState,
+    model: &crate::model::Model,
+    segments: &[pb::Segment],
+    hidden: &[f32],
+) -> Result<Vec<pb::SegmentResult>> {
     // (segment, row in batch, Some(target) for a prompt logprob / None to sample)
     let mut wanted: Vec<(usize, usize, Option<u32>)> = Vec::new();
     let mut row0 = 0;
@@ -134,29 +141,27 @@ fn sample_and_score(state: &StageState, segments: &[pb::Segment], hidden: &[f32]
         .collect();
     let rows: Vec<usize> = wanted.iter().map(|w| w.1).collect();
     let mut rngs = state.rngs.lock().unwrap_or_else(|p| p.into_inner());
-    state
-        .model
-        .for_each_logits_row(hidden, &rows, state.logits_chunk, |i, logits, lp| {
-            let (si, _, target) = wanted[i];
-            let r = &mut results[si];
-            match target {
-                Some(t) => r.prompt_logprobs.push(lp[t as usize]),
-                None => {
-                    let s = &segments[si];
-                    let p = s.sampling.unwrap_or_default();
-                    let params = SamplingParams {
-                        temperature: p.temperature,
-                        top_p: if p.top_p > 0.0 { p.top_p } else { 1.0 },
-                        top_k: p.top_k as usize,
-                        seed: Some(p.seed),
-                    };
-                    let rng = rngs.entry(s.seq).or_insert_with(|| Rng::new(p.seed));
-                    let tok = sample(logits, &params, rng);
-                    r.token = Some(tok);
-                    r.token_logprob = lp[tok as usize];
-                }
+    model.for_each_logits_row(hidden, &rows, state.logits_chunk, |i, logits, lp| {
+        let (si, _, target) = wanted[i];
+        let r = &mut results[si];
+        match target {
+            Some(t) => r.prompt_logprobs.push(lp[t as usize]),
+            None => {
+                let s = &segments[si];
+                let p = s.sampling.unwrap_or_default();
+                let params = SamplingParams {
+                    temperature: p.temperature,
+                    top_p: if p.top_p > 0.0 { p.top_p } else { 1.0 },
+                    top_k: p.top_k as usize,
+                    seed: Some(p.seed),
+                };
+                let rng = rngs.entry(s.seq).or_insert_with(|| Rng::new(p.seed));
+                let tok = sample(logits, &params, rng);
+                r.token = Some(tok);
+                r.token_logprob = lp[tok as usize];
             }
-        })?;
+        }
+    })?;
     Ok(results)
 }
 

@@ -4,13 +4,17 @@
 //! (the model math never blocks the async executor), and one ordered sender task ships each
 //! result straight to the next stage, or, on the last stage, samples and reports tokens to
 //! the coordinator's collector. Sequences' cache entries stay here until `Release`.
+//! `Reconfigure` swaps in another layer range (model and cache together) while no sequence
+//! holds cache here.
 
 mod compute;
 mod observe;
+mod reconfigure;
 mod service;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 
 use proto::v1::{self as pb, ForwardRequest, TokenReport};
 
@@ -33,12 +37,18 @@ pub enum Outbound {
 pub struct StageState {
     /// This worker's id.
     pub worker_id: String,
-    /// The layer range.
-    pub model: Model,
+    /// The layer range; replaced (together with `cache`, under its lock) by `Reconfigure`.
+    model: RwLock<Arc<Model>>,
     /// Served model name.
     pub model_name: String,
     /// Paged cache of this range.
     pub cache: Mutex<KvCache>,
+    /// Checkpoint folder the model was loaded from (another range loads from it too).
+    pub model_dir: PathBuf,
+    /// etcd registration, re-published when the range changes.
+    pub registration: Option<crate::membership::Registration>,
+    /// Serializes `Reconfigure` calls.
+    reconfiguring: Mutex<()>,
     /// Per-sequence sampling generators (last stage only), seeded on first use.
     pub rngs: Mutex<HashMap<u64, Rng>>,
     /// Address of the next stage (`None` on the last stage).
@@ -53,6 +63,12 @@ pub struct StageState {
 const MAX_SPANS: usize = 256;
 
 impl StageState {
+    /// The model as loaded now. Whoever also uses the cache takes the model while holding
+    /// the cache lock, so the two always belong to the same range.
+    pub fn model(&self) -> Arc<Model> {
+        self.model.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Remembers a computed micro-batch's span.
     pub fn record_span(&self, span: pb::BatchSpan) {
         let mut spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());

@@ -34,7 +34,7 @@ impl ForwardObservation {
     /// continuing `parent`.
     pub fn start(state: &StageState, req: &mut pb::ForwardRequest, parent: TraceContext) -> Self {
         let (full_layers, shared_layers) = layer_runs(state, &req.segments);
-        let range = state.model.range();
+        let range = state.model().range();
         // Stages append in pipeline order, so the entries so far give this stage's index.
         let stage = req.stage_stats.len();
         let span = tracing::info_span!(
@@ -66,7 +66,7 @@ impl ForwardObservation {
     /// or the report to the coordinator, including an error report), closes the span and
     /// returns its context for the next hop.
     pub fn finish(mut self, state: &StageState, out: &mut Outbound) -> TraceContext {
-        let range = state.model.range();
+        let range = state.model().range();
         let (used, total) = {
             let cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
             (cache.used_blocks(), cache.capacity_blocks())
@@ -105,7 +105,7 @@ impl ForwardObservation {
 /// segment under its own pattern (an empty or unparsable one counts as the stage's own:
 /// a bad pattern fails the batch anyway).
 fn layer_runs(state: &StageState, segments: &[pb::Segment]) -> (u64, u64) {
-    let model = &state.model;
+    let model = state.model();
     let range = model.range();
     let layers = model.config().num_hidden_layers;
     let mut parsed: HashMap<&str, Option<IndexPattern>> = HashMap::new();

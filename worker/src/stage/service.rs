@@ -13,7 +13,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
 use super::observe::ForwardObservation;
-use super::{compute, Outbound, StageHandle, StageState};
+use super::{compute, reconfigure, Outbound, StageHandle, StageState};
 use crate::error::Result;
 use crate::model::Model;
 use crate::telemetry::{self, TraceContext};
@@ -34,6 +34,10 @@ pub struct ServeOptions {
     pub kv_blocks: usize,
     /// Rows whose logits are materialized at once.
     pub logits_chunk: usize,
+    /// Checkpoint folder (`Reconfigure` loads other ranges from it).
+    pub model_dir: std::path::PathBuf,
+    /// etcd registration to re-publish after `Reconfigure` (`None` without etcd).
+    pub registration: Option<crate::membership::Registration>,
 }
 
 struct StageService {
@@ -69,13 +73,14 @@ impl Stage for StageService {
         let state = self.state.clone();
         let info = tokio::task::spawn_blocking(move || {
             let cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
-            let range = state.model.range();
+            let model = state.model();
+            let range = model.range();
             pb::StageInfo {
                 worker_id: state.worker_id.clone(),
                 layer_start: range.start as u32,
                 layer_end: range.end as u32,
-                num_layers: state.model.config().num_hidden_layers as u32,
-                index_pattern: state.model.pattern().to_string(),
+                num_layers: model.config().num_hidden_layers as u32,
+                index_pattern: model.pattern().to_string(),
                 kv_blocks_total: cache.capacity_blocks() as u64,
                 kv_blocks_free: cache.free_blocks() as u64,
                 block_size: cache.block_size() as u32,
@@ -103,7 +108,7 @@ impl Stage for StageService {
         let text = req.into_inner().index_pattern;
         // Loading indexer weights reads the checkpoint: off the executor.
         let loaded = tokio::task::spawn_blocking(move || {
-            let model = &state.model;
+            let model = state.model();
             let pattern = crate::IndexPattern::parse(&text, model.config().num_hidden_layers)?;
             model.prepare_pattern(&pattern)
         })
@@ -113,6 +118,19 @@ impl Stage for StageService {
         Ok(Response::new(pb::PreparePatternResponse {
             loaded_layers: loaded.into_iter().map(|l| l as u32).collect(),
         }))
+    }
+
+    async fn reconfigure(
+        &self,
+        req: Request<pb::ReconfigureRequest>,
+    ) -> std::result::Result<Response<pb::ReconfigureResponse>, Status> {
+        let state = self.state.clone();
+        let req = req.into_inner();
+        // Loading a range reads the checkpoint: off the executor (Info keeps answering).
+        tokio::task::spawn_blocking(move || reconfigure::reconfigure(&state, &req))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
     }
 }
 
@@ -198,7 +216,10 @@ pub async fn serve(model: Model, opts: ServeOptions) -> Result<()> {
         next: opts.next.clone(),
         logits_chunk: opts.logits_chunk,
         spans: Mutex::new(std::collections::VecDeque::new()),
-        model,
+        model: std::sync::RwLock::new(Arc::new(model)),
+        model_dir: opts.model_dir.clone(),
+        registration: opts.registration.clone(),
+        reconfiguring: Mutex::new(()),
     });
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (job_tx, job_rx) = std::sync::mpsc::channel::<(pb::ForwardRequest, TraceContext)>();

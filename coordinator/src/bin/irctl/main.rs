@@ -69,10 +69,18 @@ enum Cmd {
 enum PatternCmd {
     /// The active pattern.
     Get,
-    /// Make a pattern (one F/S per layer, layer 0 F) active for requests that start from now.
+    /// Make a pattern (one F/S per layer, layer 0 F) active for requests that start from now,
+    /// and re-balance the stage plan for it if the planner splits it otherwise (new requests
+    /// wait while running ones finish and the moved stages reload).
     Set {
         /// The pattern, e.g. FSSFSS.
         pattern: String,
+        /// Keep the running stage plan.
+        #[arg(long)]
+        keep_plan: bool,
+        /// Seconds a re-plan waits for running requests before giving up (default 300).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4_000_000))]
+        drain_timeout: Option<u32>,
     },
 }
 
@@ -160,7 +168,7 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     // Arguments are checked before connecting, so a typo never waits on the network.
     if let Cmd::Pattern {
-        cmd: PatternCmd::Set { pattern },
+        cmd: PatternCmd::Set { pattern, .. },
     } = &cli.cmd
     {
         check_pattern_chars(pattern)?;
@@ -199,22 +207,32 @@ async fn run(cli: Cli) -> Result<()> {
             print_drain(&r, cli.json, false)?;
         }
         Cmd::Pattern { cmd } => {
+            let mut set = false;
             let p = match cmd {
                 PatternCmd::Get => {
                     let req = admin.req(pb::GetPatternRequest {})?;
                     admin.client.get_pattern(req).await
                 }
-                PatternCmd::Set { pattern } => {
-                    let req = admin.req(pb::SetPatternRequest { pattern })?;
+                PatternCmd::Set {
+                    pattern,
+                    keep_plan,
+                    drain_timeout,
+                } => {
+                    let req = admin.req(pb::SetPatternRequest {
+                        pattern,
+                        keep_plan,
+                        drain_timeout_ms: drain_timeout.map_or(0, |s| s * 1000),
+                    })?;
+                    set = true;
                     admin.client.set_pattern(req).await
                 }
             }
             .map_err(status_err)?
             .into_inner();
             if cli.json {
-                print_json(&render::pattern_json(&p))?;
+                print_json(&render::pattern_json(&p, set))?;
             } else {
-                println!("{}", render::pattern_text(&p));
+                println!("{}", render::pattern_text(&p, set));
             }
         }
         Cmd::Calibrate(a) => {

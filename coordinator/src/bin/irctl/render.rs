@@ -31,15 +31,22 @@ fn span_json(s: &pb::StageSpan) -> Value {
     })
 }
 
-/// The pattern as JSON.
-pub fn pattern_json(p: &pb::PatternInfo) -> Value {
-    json!({
+/// The pattern as JSON (`set`: the answer to `pattern set`, which says whether the plan
+/// changed).
+pub fn pattern_json(p: &pb::PatternInfo, set: bool) -> Value {
+    let mut v = json!({
         "pattern": p.pattern,
         "epoch": p.epoch,
         "full_layers": p.full_layers,
         "num_layers": p.num_layers,
+        "plan": p.plan.iter().map(span_json).collect::<Vec<_>>(),
+        "plan_pinned": p.plan_pinned,
         "suggested_plan": p.suggested_plan.iter().map(span_json).collect::<Vec<_>>(),
-    })
+    });
+    if set {
+        v["plan_changed"] = json!(p.plan_changed);
+    }
+    v
 }
 
 /// `irctl status --json`.
@@ -48,9 +55,10 @@ pub fn status_json(s: &pb::ClusterStatus) -> Value {
         "model": s.model,
         "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
         "plan": s.plan.iter().map(span_json).collect::<Vec<_>>(),
-        "pattern": s.pattern.as_ref().map(pattern_json),
+        "pattern": s.pattern.as_ref().map(|p| pattern_json(p, false)),
         "requests": {"running": s.requests_running, "waiting": s.requests_waiting},
         "accepting": s.accepting,
+        "replanning": s.replanning,
     })
 }
 
@@ -116,13 +124,43 @@ pub fn pattern_line(p: &pb::PatternInfo) -> String {
     )
 }
 
-/// `irctl pattern get/set` for people.
-pub fn pattern_text(p: &pb::PatternInfo) -> String {
-    format!(
-        "pattern: {}\nplanner's split for this pattern:\n{}",
-        pattern_line(p),
-        plan_table(&p.suggested_plan)
-    )
+fn bounds(plan: &[pb::StageSpan]) -> Vec<(u32, u32)> {
+    plan.iter().map(|x| (x.layer_start, x.layer_end)).collect()
+}
+
+/// What to tell about a running plan that differs from the planner's choice, if it does.
+fn plan_note(p: &pb::PatternInfo) -> Option<String> {
+    let best = bounds(&p.suggested_plan);
+    if best.is_empty() || bounds(&p.plan) == best {
+        return None;
+    }
+    let split: Vec<String> = best.iter().skip(1).map(|x| x.0.to_string()).collect();
+    let split = split.join(",");
+    Some(if p.plan_pinned {
+        format!("note: for this pattern the planner would split at {split}, but the split is pinned by --split (restart with --split {split} to apply)")
+    } else {
+        format!("note: for this pattern the planner would split at {split}; `irctl pattern set {}` without --keep-plan re-plans to it", p.pattern)
+    })
+}
+
+/// `irctl pattern get/set` for people (`set`: the answer to `pattern set`).
+pub fn pattern_text(p: &pb::PatternInfo, set: bool) -> String {
+    let mut out = format!("pattern: {}\n", pattern_line(p));
+    if set {
+        out.push_str(if p.plan_changed {
+            "stage plan re-balanced for this pattern:\n"
+        } else {
+            "stage plan unchanged:\n"
+        });
+    } else {
+        out.push_str("stage plan:\n");
+    }
+    out.push_str(&plan_table(&p.plan));
+    if let Some(note) = plan_note(p) {
+        out.push_str("\n\n");
+        out.push_str(&note);
+    }
+    out
 }
 
 /// The worker table.
@@ -182,10 +220,12 @@ pub fn status_text(s: &pb::ClusterStatus) -> String {
         s.model,
         s.requests_running,
         s.requests_waiting,
-        if s.accepting {
-            ""
-        } else {
+        if !s.accepting {
             "  (a worker is drained: new requests are refused)"
+        } else if s.replanning {
+            "  (re-planning the stages: new requests wait)"
+        } else {
+            ""
         }
     );
     if let Some(p) = &s.pattern {
@@ -195,17 +235,9 @@ pub fn status_text(s: &pb::ClusterStatus) -> String {
     out.push_str(&workers_table(&s.workers));
     out.push_str("\n\nstage plan:\n");
     out.push_str(&plan_table(&s.plan));
-    if let Some(p) = &s.pattern {
-        let now: Vec<(u32, u32)> = s.plan.iter().map(|x| (x.layer_start, x.layer_end)).collect();
-        let best: Vec<(u32, u32)> = p.suggested_plan.iter().map(|x| (x.layer_start, x.layer_end)).collect();
-        if !best.is_empty() && now != best {
-            let split: Vec<String> = best.iter().skip(1).map(|x| x.0.to_string()).collect();
-            out.push_str(&format!(
-                "\n\nnote: for this pattern the planner would split at {} (restart with --split {} to apply)",
-                split.join(","),
-                split.join(",")
-            ));
-        }
+    if let Some(note) = s.pattern.as_ref().and_then(plan_note) {
+        out.push_str("\n\n");
+        out.push_str(&note);
     }
     out
 }

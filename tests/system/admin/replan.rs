@@ -1,0 +1,308 @@
+//! Live re-planning on `pattern set`: the planner's split for the new pattern is adopted
+//! while requests keep their answers (in-flight ones finish under the old pattern, queued
+//! and later ones run under the new one, all equal to the single-process engine), unless
+//! the plan is pinned; a stage refuses to move while it holds a live sequence and keeps
+//! serving its range when a load fails.
+
+use std::time::{Duration, Instant};
+
+use proto::v1::stage_client::StageClient;
+use proto::v1::{self as pb};
+use serde_json::Value;
+
+use super::super::cluster::{self, fixture, prompt_cases, Cluster};
+use super::super::{assert_same, greedy};
+use super::{admin_client, engine_with, irctl_async, ok_json, run_one};
+
+/// The (start, end) pairs of a JSON plan or worker list.
+fn ranges(v: &Value) -> Vec<(u64, u64)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["layer_start"].as_u64().unwrap(), x["layer_end"].as_u64().unwrap()))
+        .collect()
+}
+
+fn stage_client(addr: &str) -> StageClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    StageClient::new(ch)
+}
+
+/// The layer range stage `addr` itself reports.
+async fn stage_range(addr: &str) -> (u32, u32) {
+    let info = stage_client(addr).info(pb::InfoRequest {}).await.unwrap().into_inner();
+    (info.layer_start, info.layer_end)
+}
+
+/// Starts a long greedy request; returns once its first token is out, with a handle giving
+/// its tokens and when it ended.
+async fn start_long(c: &Cluster, prompt: Vec<u32>, n: usize) -> tokio::task::JoinHandle<(Vec<u32>, Instant)> {
+    let client = c.client();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut stream = client
+            .clone()
+            .generate(cluster::request(prompt, n, greedy(), false))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut tokens = stream.message().await.unwrap().unwrap().token_ids;
+        let _ = started_tx.send(());
+        while let Some(msg) = stream.message().await.unwrap() {
+            tokens.extend(msg.token_ids);
+        }
+        (tokens, Instant::now())
+    });
+    started_rx.await.unwrap();
+    task
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pattern_set_re_plans_the_stages_live_and_answers_stay_equal_to_the_engine() {
+    let dir = fixture("glm_dense"); // all Full: the planner splits 0..2, 2..4, 4..6
+    let prompts = prompt_cases(&dir);
+    let (long, probe) = (prompts[0].clone(), prompts[1].clone());
+    // As long as the context allows, so it outlives a short drain timeout.
+    let n_long = 510 - long.len();
+    // FFSSSS costs more up front: the planner moves to 0..1, 1..3, 3..6.
+    let (p1, p2) = ("FFSSSS", "FFSSSF");
+    let mut old_engine = engine_with(&dir, None);
+    let long_want = run_one(&mut old_engine, &long, n_long, false);
+    let probe_old = run_one(&mut old_engine, &probe, 8, true);
+    let mut p1_engine = engine_with(&dir, Some(p1));
+    let probe_p1 = run_one(&mut p1_engine, &probe, 8, true);
+    let long_p1 = run_one(&mut p1_engine, &long, n_long, false);
+    let probe_p2 = run_one(&mut engine_with(&dir, Some(p2)), &probe, 8, true);
+    assert_ne!(
+        probe_old.prompt_logprobs, probe_p1.prompt_logprobs,
+        "the pattern must matter"
+    );
+    assert_ne!(
+        probe_p1.prompt_logprobs, probe_p2.prompt_logprobs,
+        "the pattern must matter"
+    );
+
+    let c = Cluster::start(&dir, 3, &[], &[]).await; // no --split: the planner's plan
+    let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
+    assert_eq!(ranges(&s["plan"]), [(0, 2), (2, 4), (4, 6)]);
+    assert_eq!(s["pattern"]["plan_pinned"], false);
+    let got = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
+    assert_same("probe before any change", &got, &probe_old);
+
+    // 1. A request runs when the pattern is set: the re-plan waits for it, and a request
+    //    submitted meanwhile waits in the queue, then runs under the new pattern on the new
+    //    plan.
+    let long_task = start_long(&c, long.clone(), n_long).await;
+    let admin = admin_client(&c.addr);
+    let set_sent = Instant::now();
+    let set_task = tokio::spawn({
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .set_pattern(pb::SetPatternRequest {
+                    pattern: p1.into(),
+                    keep_plan: false,
+                    drain_timeout_ms: 0,
+                })
+                .await
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = admin.clone().status(pb::StatusRequest {}).await.unwrap().into_inner();
+        if s.replanning {
+            assert!(s.accepting, "a re-plan does not refuse requests");
+            // Admission is held while the long request still runs: the re-plan waits for it
+            // (the stages refuse to move while they hold its cache).
+            assert_eq!(s.requests_running, 1, "the long request runs during the hold: {s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the re-plan never showed in status: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let queued = tokio::spawn({
+        let client = c.client();
+        let probe = probe.clone();
+        async move { cluster::generate_with(client, probe, 8, greedy(), true).await }
+    });
+    let set = set_task.await.unwrap();
+    let p = set.unwrap().into_inner();
+    let (long_tokens, long_end) = long_task.await.unwrap();
+    assert!(
+        long_end > set_sent,
+        "the long request must still have run at the change"
+    );
+    assert_eq!(long_tokens, long_want.tokens, "the in-flight request keeps its pattern");
+    assert_same(
+        "request queued during the re-plan",
+        &queued.await.unwrap().unwrap(),
+        &probe_p1,
+    );
+    assert!(p.plan_changed);
+    assert_eq!(p.pattern, p1);
+    let plan: Vec<(u32, u32)> = p.plan.iter().map(|s| (s.layer_start, s.layer_end)).collect();
+    assert_eq!(plan, [(0, 1), (1, 3), (3, 6)]);
+    // status shows the new ranges for every worker, and the workers serve them.
+    let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
+    assert_eq!(ranges(&s["plan"]), [(0, 1), (1, 3), (3, 6)]);
+    assert_eq!(ranges(&s["workers"]), [(0, 1), (1, 3), (3, 6)]);
+    assert_eq!(ranges(&s["pattern"]["suggested_plan"]), [(0, 1), (1, 3), (3, 6)]);
+    assert_eq!(s["replanning"], false);
+    for (i, want) in [(0, 1), (1, 3), (3, 6)].into_iter().enumerate() {
+        assert_eq!(stage_range(&c.worker_addrs[i]).await, want, "stage {i}");
+    }
+    let got = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
+    assert_same("probe on the new plan", &got, &probe_p1);
+
+    // 2. A request that does not finish within the drain timeout (1 ms: decoding is fast
+    //    here): the re-plan is abandoned, the new pattern stays active, the plan stays,
+    //    admission resumes.
+    let long_task = start_long(&c, long, n_long).await;
+    let err = admin
+        .clone()
+        .set_pattern(pb::SetPatternRequest {
+            pattern: p2.into(),
+            keep_plan: false,
+            drain_timeout_ms: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("re-plan aborted") && err.message().contains(p2),
+        "{}",
+        err.message()
+    );
+    assert!(
+        !long_task.is_finished(),
+        "the long request must outlive the drain timeout"
+    );
+    let s = admin.clone().status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.pattern.as_ref().unwrap().pattern, p2);
+    let plan: Vec<(u32, u32)> = s.plan.iter().map(|s| (s.layer_start, s.layer_end)).collect();
+    assert_eq!(plan, [(0, 1), (1, 3), (3, 6)]);
+    assert!(!s.replanning);
+    // Admission resumed: a request runs alongside the long one, under the new pattern.
+    let got = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
+    assert_same("probe after the abandoned re-plan", &got, &probe_p2);
+    let (long_tokens, _) = long_task.await.unwrap();
+    assert_eq!(long_tokens, long_p1.tokens, "the long request kept its pattern");
+
+    // 3. --keep-plan: the plan stays although the planner would choose 0..2, 2..5, 5..6,
+    //    and answers still equal the engine on the kept split.
+    let k = ok_json(&irctl_async(&c.addr, &["pattern", "set", p2, "--keep-plan", "--json"]).await);
+    assert_eq!(k["pattern"], p2);
+    assert_eq!(k["plan_pinned"], false);
+    assert_eq!(k["plan_changed"], false);
+    assert_eq!(ranges(&k["plan"]), [(0, 1), (1, 3), (3, 6)]);
+    assert_eq!(ranges(&k["suggested_plan"]), [(0, 2), (2, 5), (5, 6)]);
+    let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
+    assert_eq!(ranges(&s["workers"]), [(0, 1), (1, 3), (3, 6)]);
+    let got = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
+    assert_same("probe with --keep-plan", &got, &probe_p2);
+
+    // 4. Without it, irctl re-plans (table output says so).
+    let out = irctl_async(&c.addr, &["pattern", "set", p2]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("re-balanced") && text.contains("2..5"), "{text}");
+    let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
+    assert_eq!(ranges(&s["plan"]), [(0, 2), (2, 5), (5, 6)]);
+    assert_eq!(ranges(&s["workers"]), [(0, 2), (2, 5), (5, 6)]);
+    let got = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
+    assert_same("probe after the second re-plan", &got, &probe_p2);
+    // Setting the pattern the plan already fits changes nothing.
+    let again = ok_json(&irctl_async(&c.addr, &["pattern", "set", p2, "--json"]).await);
+    assert_eq!(again["plan_changed"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_split_is_never_re_planned() {
+    let dir = fixture("glm_dense");
+    let c = Cluster::start(&dir, 3, &[2, 4], &[]).await;
+    let p = ok_json(&irctl_async(&c.addr, &["pattern", "set", "FFSSSS", "--json"]).await);
+    assert_eq!(p["plan_changed"], false);
+    assert_eq!(p["plan_pinned"], true);
+    assert_eq!(ranges(&p["plan"]), [(0, 2), (2, 4), (4, 6)]);
+    assert_eq!(ranges(&p["suggested_plan"]), [(0, 1), (1, 3), (3, 6)]);
+    let out = irctl_async(&c.addr, &["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pinned by --split"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_refuses_to_reconfigure_while_it_holds_a_sequence_and_survives_a_failed_load() {
+    let dir = fixture("dsv32_pattern"); // FSSFSS; Shared layers have no indexer weights
+    let prompts = prompt_cases(&dir);
+    let (long, probe) = (prompts[0].clone(), prompts[1].clone());
+    let n_long = 500 - long.len();
+    let mut engine = engine_with(&dir, None);
+    let long_want = run_one(&mut engine, &long, n_long, false);
+    let probe_want = run_one(&mut engine, &probe, 6, true);
+    let c = Cluster::start(&dir, 2, &[3], &[]).await;
+    let long_task = start_long(&c, long, n_long).await;
+    let mut stage1 = stage_client(&c.worker_addrs[1]);
+    let err = stage1
+        .reconfigure(pb::ReconfigureRequest {
+            layer_start: 2,
+            layer_end: 6,
+            index_pattern: "FSSFSS".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("live sequence"), "{}", err.message());
+    assert!(
+        !long_task.is_finished(),
+        "the refusal must have happened during the sequence"
+    );
+    // The stage kept its range and its cache: the sequence finishes with the right tokens.
+    assert_eq!(stage_range(&c.worker_addrs[1]).await, (3, 6));
+    let (tokens, _) = long_task.await.unwrap();
+    assert_eq!(tokens, long_want.tokens);
+
+    // Idle now (releases follow the end of a request shortly).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stage1
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .active_sequences
+        > 0
+    {
+        assert!(Instant::now() < deadline, "the finished sequence was never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A range outside the model, and one whose load fails (all-Full needs indexers this
+    // checkpoint lacks): refused with the reason, the old range keeps serving.
+    let err = stage1
+        .reconfigure(pb::ReconfigureRequest {
+            layer_start: 3,
+            layer_end: 9,
+            index_pattern: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("0..6"), "{}", err.message());
+    let err = stage1
+        .reconfigure(pb::ReconfigureRequest {
+            layer_start: 2,
+            layer_end: 6,
+            index_pattern: "FFFFFF".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("indexer") && err.message().contains("still serving 3..6"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(stage_range(&c.worker_addrs[1]).await, (3, 6));
+    let got = c.generate(probe.clone(), 6, greedy(), true).await.unwrap();
+    assert_same("after the refused reconfigurations", &got, &probe_want);
+}
