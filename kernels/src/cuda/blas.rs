@@ -33,8 +33,7 @@ impl GpuKernels {
         if !unsafe { sys::is_culib_present() } {
             return Err(CudaError::LibraryMissing {
                 library: "cuBLAS (libcublas.so.13 or .so.12)",
-                hint: "install the CUDA toolkit's cuBLAS or PyPI's nvidia-cublas and put it on LD_LIBRARY_PATH"
-                    .into(),
+                hint: "install the CUDA toolkit's cuBLAS or PyPI's nvidia-cublas and put it on LD_LIBRARY_PATH".into(),
             });
         }
         let stream = self.stream().clone();
