@@ -237,3 +237,12 @@ fn alloc(k: &GpuKernels, len: usize) -> Result<CudaSlice<f32>> {
         ))
     })
 }
+
+impl crate::model::CacheLengths for DeviceKvCache {
+    fn seq_len(&self, seq: u64) -> usize {
+        DeviceKvCache::seq_len(self, seq)
+    }
+    fn index_len(&self, layer: usize, seq: u64) -> usize {
+        DeviceKvCache::index_len(self, layer, seq)
+    }
+}

@@ -298,7 +298,7 @@ impl GpuModel {
                 dev(self.k.upload(&h))?
             }
         };
-        self.check_segments(cache, segments, patterns)?;
+        crate::model::check_segments(&self.cfg, self.range, cache, segments, patterns)?;
         let layer_indexers = (self.range.start..self.range.end)
             .map(|layer| {
                 if patterns.iter().any(|p| p.is_full(layer)) {
@@ -394,61 +394,6 @@ impl GpuModel {
             &mut x.slice_mut(..),
         ))?;
         dev(self.k.to_bf16(&x.slice(..), &mut x16.slice_mut(..)))
-    }
-
-    /// The CPU model's per-segment checks, in the same order with the same messages.
-    fn check_segments(&self, cache: &DeviceKvCache, segments: &[Segment], patterns: &[&IndexPattern]) -> Result<()> {
-        let n_layers = self.cfg.num_hidden_layers;
-        for (s, p) in segments.iter().zip(patterns) {
-            if s.len == 0 {
-                return Err(WorkerError::invalid(
-                    "segment.len",
-                    format!("sequence {} has an empty segment", s.seq),
-                ));
-            }
-            let cached = cache.seq_len(s.seq);
-            if s.start != cached {
-                return Err(WorkerError::invalid(
-                    "segment.start",
-                    format!(
-                        "sequence {} starts at {} but {cached} positions are cached",
-                        s.seq, s.start
-                    ),
-                ));
-            }
-            if s.start + s.len > self.cfg.max_position_embeddings {
-                return Err(WorkerError::invalid(
-                    "segment",
-                    format!(
-                        "sequence {} would reach {} positions, over max_position_embeddings = {}",
-                        s.seq,
-                        s.start + s.len,
-                        self.cfg.max_position_embeddings
-                    ),
-                ));
-            }
-            if p.len() != n_layers {
-                return Err(WorkerError::Pattern(format!(
-                    "sequence {}: has {} entries but the model has num_hidden_layers = {n_layers}",
-                    s.seq,
-                    p.len()
-                )));
-            }
-            if p.kind(self.range.start) == LayerKind::Shared {
-                attention::check_relay(s, self.range.start)?;
-            }
-            for (li, layer) in (self.range.start..self.range.end).enumerate() {
-                let keys = cache.index_len(li, s.seq);
-                let expected = if p.is_full(layer) { s.start } else { 0 };
-                if keys != expected {
-                    return Err(WorkerError::Pattern(format!(
-                        "sequence {} changed its IndexCache pattern mid-sequence at layer {layer} (now {}): a sequence keeps the pattern it started with",
-                        s.seq, p
-                    )));
-                }
-            }
-        }
-        Ok(())
     }
 
     fn embed_tokens(&self, tokens: &[u32]) -> Result<CudaSlice<f32>> {

@@ -40,45 +40,6 @@ fn mla_dims(c: &ModelConfig) -> MlaDims {
     }
 }
 
-/// Checks that a segment entering on a Shared layer carries one sorted, causal index row per
-/// position.
-pub fn check_relay(s: &Segment, layer: usize) -> Result<()> {
-    let Some(rows) = &s.relay else {
-        return Err(WorkerError::invalid(
-            "relay",
-            format!(
-                "layer {layer} is Shared (S) and starts this range, but no top-k indices were relayed for sequence {}",
-                s.seq
-            ),
-        ));
-    };
-    if rows.len() != s.len {
-        return Err(WorkerError::invalid(
-            "relay",
-            format!(
-                "sequence {}: {} relayed rows for a segment of {} positions",
-                s.seq,
-                rows.len(),
-                s.len
-            ),
-        ));
-    }
-    for (i, r) in rows.iter().enumerate() {
-        let t = (s.start + i) as u32;
-        let sorted = r.windows(2).all(|w| w[0] < w[1]);
-        if r.is_empty() || !sorted || r.last().is_some_and(|&x| x > t) {
-            return Err(WorkerError::invalid(
-                "relay",
-                format!(
-                    "sequence {}: row {i} must be a non-empty ascending subset of [0, {t}]",
-                    s.seq
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// The position of every row of `segments`, in row order.
 fn row_positions(segments: &[Segment]) -> Vec<usize> {
     segments.iter().flat_map(|s| s.start..s.start + s.len).collect()
