@@ -16,7 +16,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache::{KvCache, LayerCacheShape};
-use crate::model::weights::{IndexerWeights, LayerWeights, Loader};
+use crate::model::weights::{LayerWeights, Loader};
 use crate::model::{LayerRange, Segment, StageInput, TopkRows};
 use crate::pattern::{IndexPattern, LayerKind};
 use crate::rope::RopeTable;
@@ -226,18 +226,7 @@ impl GpuModel {
         if let Some(ix) = cell.get() {
             return Ok(ix.clone());
         }
-        let prefix = format!("model.layers.{layer}.self_attn.indexer");
-        let ckpt = Checkpoint::open(&self.dir)?;
-        if !ckpt.has(&format!("{prefix}.wq_b.weight")) {
-            return Err(WorkerError::Pattern(format!(
-                "layer {layer} is F (Full) but the checkpoint has no indexer for it (missing tensor `{prefix}.wq_b.weight`)"
-            )));
-        }
-        let l = Loader {
-            ckpt: &ckpt,
-            cfg: &self.cfg,
-        };
-        let host = IndexerWeights::load(&l, &prefix)?;
+        let host = crate::model::load_indexer(&self.dir, &self.cfg, layer)?;
         let ix = Arc::new(DevIndexer::from_host(&self.k, &host, self.dtype)?);
         tracing::info!(
             layer,
@@ -271,32 +260,10 @@ impl GpuModel {
         input: StageInput,
     ) -> Result<DeviceStageOutput> {
         let d = self.cfg.hidden_size;
-        if patterns.len() != segments.len() {
-            return Err(WorkerError::invalid(
-                "index_pattern",
-                format!("{} patterns for {} segments", patterns.len(), segments.len()),
-            ));
-        }
-        let rows: usize = segments.iter().map(|s| s.len).sum();
+        let rows = crate::model::check_input(&self.cfg, segments, patterns, &input)?;
         let mut hidden = match input {
-            StageInput::Tokens(t) => {
-                if t.len() != rows {
-                    return Err(WorkerError::invalid(
-                        "input",
-                        format!("{} tokens for {rows} segment rows", t.len()),
-                    ));
-                }
-                self.embed_tokens(&t)?
-            }
-            StageInput::Hidden(h) => {
-                if h.len() != rows * d {
-                    return Err(WorkerError::invalid(
-                        "hidden",
-                        format!("{} values for {rows} rows × hidden_size {d}", h.len()),
-                    ));
-                }
-                dev(self.k.upload(&h))?
-            }
+            StageInput::Tokens(t) => self.embed_tokens(&t)?,
+            StageInput::Hidden(h) => dev(self.k.upload(&h))?,
         };
         crate::model::check_segments(&self.cfg, self.range, cache, segments, patterns)?;
         let layer_indexers = (self.range.start..self.range.end)

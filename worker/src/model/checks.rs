@@ -1,7 +1,7 @@
 //! The per-segment checks a forward pass makes before it touches the cache, shared by the CPU
 //! model and the GPU one so both refuse the same input with the same message.
 
-use super::{LayerRange, Segment};
+use super::{LayerRange, Segment, StageInput};
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
@@ -21,6 +21,35 @@ impl CacheLengths for KvCache {
     }
     fn index_len(&self, layer: usize, seq: u64) -> usize {
         KvCache::index_len(self, layer, seq)
+    }
+}
+
+/// Checks a batch's shape before anything runs: one pattern per segment, and one token (or
+/// `hidden_size` values) per segment row. Returns the number of rows.
+pub fn check_input(
+    cfg: &ModelConfig,
+    segments: &[Segment],
+    patterns: &[&IndexPattern],
+    input: &StageInput,
+) -> Result<usize> {
+    if patterns.len() != segments.len() {
+        return Err(WorkerError::invalid(
+            "index_pattern",
+            format!("{} patterns for {} segments", patterns.len(), segments.len()),
+        ));
+    }
+    let rows: usize = segments.iter().map(|s| s.len).sum();
+    let d = cfg.hidden_size;
+    match input {
+        StageInput::Tokens(t) if t.len() != rows => Err(WorkerError::invalid(
+            "input",
+            format!("{} tokens for {rows} segment rows", t.len()),
+        )),
+        StageInput::Hidden(h) if h.len() != rows * d => Err(WorkerError::invalid(
+            "hidden",
+            format!("{} values for {rows} rows × hidden_size {d}", h.len()),
+        )),
+        _ => Ok(rows),
     }
 }
 

@@ -10,7 +10,9 @@ mod moe;
 mod per_request;
 pub mod weights;
 
-pub use checks::{check_relay, check_segments, CacheLengths};
+pub use checks::{check_input, check_relay, check_segments, CacheLengths};
+#[cfg(feature = "cuda")]
+pub(crate) use per_request::load_indexer;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -283,32 +285,10 @@ impl Model {
         input: StageInput,
     ) -> Result<StageOutput> {
         let d = self.cfg.hidden_size;
-        if patterns.len() != segments.len() {
-            return Err(WorkerError::invalid(
-                "index_pattern",
-                format!("{} patterns for {} segments", patterns.len(), segments.len()),
-            ));
-        }
-        let rows: usize = segments.iter().map(|s| s.len).sum();
+        let rows = checks::check_input(&self.cfg, segments, patterns, &input)?;
         let mut hidden = match input {
-            StageInput::Tokens(t) => {
-                if t.len() != rows {
-                    return Err(WorkerError::invalid(
-                        "input",
-                        format!("{} tokens for {rows} segment rows", t.len()),
-                    ));
-                }
-                self.embed_tokens(&t)?
-            }
-            StageInput::Hidden(h) => {
-                if h.len() != rows * d {
-                    return Err(WorkerError::invalid(
-                        "hidden",
-                        format!("{} values for {rows} rows × hidden_size {d}", h.len()),
-                    ));
-                }
-                h
-            }
+            StageInput::Tokens(t) => self.embed_tokens(&t)?,
+            StageInput::Hidden(h) => h,
         };
         checks::check_segments(&self.cfg, self.range, cache, segments, patterns)?;
         let n_layers = self.cfg.num_hidden_layers;

@@ -2,13 +2,28 @@
 //! use, and running one layer's attention separately for the sequences that use it as Full
 //! and those that use it as Shared.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::weights::{IndexerWeights, Loader};
 use super::{Model, Segment, TopkRows};
 use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
 use crate::pattern::IndexPattern;
+
+/// Reads layer `layer`'s indexer weights from the checkpoint in `dir`; an error names the
+/// layer when the checkpoint has none (the CPU and GPU models both load indexers lazily).
+pub(crate) fn load_indexer(dir: &Path, cfg: &ModelConfig, layer: usize) -> Result<IndexerWeights> {
+    let prefix = format!("model.layers.{layer}.self_attn.indexer");
+    let ckpt = Checkpoint::open(dir)?;
+    if !ckpt.has(&format!("{prefix}.wq_b.weight")) {
+        return Err(WorkerError::Pattern(format!(
+            "layer {layer} is F (Full) but the checkpoint has no indexer for it (missing tensor `{prefix}.wq_b.weight`)"
+        )));
+    }
+    IndexerWeights::load(&Loader { ckpt: &ckpt, cfg }, &prefix)
+}
 
 impl Model {
     /// The indexer of global layer `layer` (in this range), loading it from the checkpoint on
@@ -18,18 +33,7 @@ impl Model {
         if let Some(ix) = cell.get() {
             return Ok(ix.clone());
         }
-        let prefix = format!("model.layers.{layer}.self_attn.indexer");
-        let ckpt = Checkpoint::open(&self.dir)?;
-        if !ckpt.has(&format!("{prefix}.wq_b.weight")) {
-            return Err(WorkerError::Pattern(format!(
-                "layer {layer} is F (Full) but the checkpoint has no indexer for it (missing tensor `{prefix}.wq_b.weight`)"
-            )));
-        }
-        let l = Loader {
-            ckpt: &ckpt,
-            cfg: &self.cfg,
-        };
-        let ix = Arc::new(IndexerWeights::load(&l, &prefix)?);
+        let ix = Arc::new(load_indexer(&self.dir, &self.cfg, layer)?);
         tracing::info!(layer, "loaded indexer weights for a pattern that makes this layer Full");
         // Another thread may have loaded it meanwhile: keep whichever landed first.
         let _ = cell.set(ix);
