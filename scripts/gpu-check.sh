@@ -43,9 +43,11 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "$dir/bin/$name"; done
   # The worker's GPU engine path: gpu_parity (GPU vs CPU engine on the golden fixtures, a
-  # 2-stage split on one GPU) and the worker's unit tests built with the `cuda` feature
+  # 2-stage split on one GPU), gpu_stage (two stage servers on one GPU vs the CPU engine,
+  # Reconfigure on the GPU) and the worker's unit tests built with the `cuda` feature
   # (device resolution with a driver present).
-  cargo test --locked -p worker --features cuda --no-run --message-format=json --test gpu_parity --lib \
+  cargo test --locked -p worker --features cuda --no-run --message-format=json --test gpu_parity \
+      --test gpu_stage --lib \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -56,12 +58,12 @@ for line in sys.stdin:
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     name = m["target"]["name"]
-    if name == "gpu_parity":
-        print("gpu_parity", m["executable"])
+    if name in ("gpu_parity", "gpu_stage"):
+        print(name, m["executable"])
     elif name == "worker" and "lib" in m["target"]["kind"]:
         print("worker_cuda_unit", m["executable"])
 ' | while read -r name exe; do cp "$exe" "$dir/bin/$name"; done
-  for t in cuda_parity cuda_parity_dsa cuda_device cuda_rows gpu_parity worker_cuda_unit; do
+  for t in cuda_parity cuda_parity_dsa cuda_device cuda_rows gpu_parity gpu_stage worker_cuda_unit; do
     test -x "$dir/bin/$t" || { echo "gpu-check: test binary $t was not built" >&2; exit 1; }
   done
   strip "$dir"/bin/* 2>/dev/null || true
@@ -79,7 +81,7 @@ run() {
   # gpu_parity reads the golden fixtures of this checkout (its compiled-in path is the build
   # machine's).
   export INDEXRELAY_FIXTURES="${INDEXRELAY_FIXTURES:-$PWD/tests/fixtures/golden}"
-  for t in cuda_device cuda_parity cuda_parity_dsa cuda_rows gpu_parity; do
+  for t in cuda_device cuda_parity cuda_parity_dsa cuda_rows gpu_parity gpu_stage; do
     echo "== $t"
     # --include-ignored: the parity tests are #[ignore]d where there is no GPU.
     if ! "$dir/bin/$t" --include-ignored --test-threads=1 2>&1 | tee "$out/$t.log"; then

@@ -6,8 +6,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::embedded::ensure_default_model;
+use crate::gpu::{MemoryFraction, ResolvedDevice};
 use crate::membership::{wait_for_assignment, Registration, WorkerRecord};
-use crate::{Architecture, Model};
+use crate::stage::{CpuStage, StageCompute};
+use crate::{Architecture, LayerRange, Model};
+
+/// Rows whose logits the last stage materializes at once.
+const STAGE_LOGITS_CHUNK: usize = 64;
 
 /// Architecture of the embedded default model.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -62,7 +67,8 @@ pub struct ServeArgs {
     /// Positions per KV block.
     #[arg(long, default_value_t = 64)]
     pub block_size: usize,
-    /// KV blocks in the pool.
+    /// KV blocks in the pool. On a GPU, the most blocks: the cache gets as many as
+    /// --gpu-memory-fraction leaves after the weights, up to this.
     #[arg(long, default_value_t = 4096)]
     pub kv_blocks: usize,
     /// etcd endpoints (comma-separated): register here and take a stage assignment.
@@ -77,12 +83,11 @@ pub struct ServeArgs {
     /// Address other processes reach this worker on (default: --listen).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Compute device: auto, cpu or cuda:N (stages are served on the CPU only so far:
-    /// cuda:N is refused, auto serves on the CPU).
+    /// Compute device: auto (CUDA device 0 when one is usable, else the CPU), cpu, or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: crate::gpu::DeviceArg,
-    /// Share of the GPU's total memory this worker may use, in (0, 1] (checked; used once
-    /// stages run on the GPU).
+    /// Share of the GPU's total memory this worker may use for weights, workspace and KV
+    /// cache, in (0, 1].
     #[arg(long, default_value = "0.9", allow_negative_numbers = true)]
     pub gpu_memory_fraction: crate::gpu::MemoryFraction,
 }
@@ -92,7 +97,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.block_size == 0 || a.kv_blocks == 0 {
         bail!("--block-size and --kv-blocks must be at least 1");
     }
-    crate::gpu::resolve_stage_device(a.device)?;
+    let device = crate::gpu::resolve_device(a.device)?;
     let dir = match a.model {
         Some(d) => d,
         None => ensure_default_model(a.arch.into())?,
@@ -129,24 +134,30 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let range = crate::LayerRange::new(assigned.0, assigned.1);
         let pattern = a.index_pattern.clone();
         let load_dir = dir.clone();
-        let model = tokio::task::spawn_blocking(move || {
-            let cfg = crate::ModelConfig::from_dir(&load_dir)?;
-            Model::load_range(&load_dir, cfg, pattern.as_deref(), range)
+        let (block_size, kv_blocks, fraction) = (a.block_size, a.kv_blocks, a.gpu_memory_fraction);
+        let compute = tokio::task::spawn_blocking(move || {
+            load_stage(
+                &load_dir,
+                pattern.as_deref(),
+                range,
+                &device,
+                block_size,
+                kv_blocks,
+                fraction,
+            )
         })
         .await??;
         if let Some(r) = &registration {
             r.publish_range(range.start, range.end);
         }
         crate::stage::serve(
-            model,
+            compute,
             crate::stage::ServeOptions {
                 worker_id: a.worker_id,
                 model_name: a.model_name,
                 listen: a.listen,
                 next,
-                block_size: a.block_size,
-                kv_blocks: a.kv_blocks,
-                logits_chunk: 64,
+                logits_chunk: STAGE_LOGITS_CHUNK,
                 model_dir: dir,
                 registration,
             },
@@ -154,4 +165,42 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .await?;
         Ok(())
     })
+}
+
+/// Loads `range` on the resolved device with its KV cache: `kv_blocks` blocks on the CPU; on
+/// a GPU as many as `fraction` of its memory leaves after the weights, at most `kv_blocks`.
+fn load_stage(
+    dir: &std::path::Path,
+    pattern: Option<&str>,
+    range: LayerRange,
+    device: &ResolvedDevice,
+    block_size: usize,
+    kv_blocks: usize,
+    fraction: MemoryFraction,
+) -> Result<Box<dyn StageCompute>> {
+    let cfg = crate::ModelConfig::from_dir(dir)?;
+    match device {
+        ResolvedDevice::Cpu => {
+            let model = Model::load_range(dir, cfg, pattern, range)?;
+            Ok(Box::new(CpuStage::new(model, block_size, kv_blocks)))
+        }
+        #[cfg(feature = "cuda")]
+        ResolvedDevice::Cuda { ordinal, .. } => {
+            let opts = crate::gpu::GpuEngineOptions {
+                memory_fraction: fraction,
+                max_blocks: Some(kv_blocks),
+                block_size,
+                logits_chunk: STAGE_LOGITS_CHUNK,
+                ..crate::gpu::GpuEngineOptions::new(*ordinal, &crate::EngineOptions::default())
+            };
+            let stage = crate::gpu::GpuStage::load(dir, cfg, pattern, range, opts)?;
+            Ok(Box::new(stage))
+        }
+        #[cfg(not(feature = "cuda"))]
+        ResolvedDevice::Cuda { ordinal, .. } => {
+            // resolve_device never picks CUDA in this build; keep the message honest anyway.
+            let _ = (fraction, cfg);
+            bail!("--device cuda:{ordinal}: this binary was built without the `cuda` feature")
+        }
+    }
 }

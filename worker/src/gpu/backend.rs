@@ -128,17 +128,8 @@ impl StepBackend for GpuBackend {
         let out = self
             .model
             .forward(&mut self.cache, segments, StageInput::Tokens(tokens))?;
-        let vocab = self.model.config().vocab_size;
-        let chunk = chunk.max(1);
-        let mut lp = vec![0.0; vocab];
-        for (c, part) in rows.chunks(chunk).enumerate() {
-            let logits = self.model.logits_rows(&out.hidden.slice(..), part)?;
-            for (i, row_logits) in logits.chunks_exact(vocab).enumerate() {
-                kernels::log_softmax(row_logits, &mut lp);
-                visit(c * chunk + i, row_logits, &lp);
-            }
-        }
-        Ok(())
+        self.model
+            .for_each_logits_row(&out.hidden.slice(..), rows, chunk, visit)
     }
 
     fn release(&mut self, seq: u64) {

@@ -108,6 +108,11 @@ impl DeviceKvCache {
         self.free.len()
     }
 
+    /// Sequences holding blocks.
+    pub fn sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
     /// Cached positions of a sequence (0 if unknown).
     pub fn seq_len(&self, seq: u64) -> usize {
         self.seqs.get(&seq).map_or(0, |s| s.len)

@@ -127,23 +127,6 @@ pub fn resolve_device(arg: DeviceArg) -> Result<ResolvedDevice> {
     }
 }
 
-/// Resolves `--device` for `worker serve`. The stage server runs the CPU model only so far
-/// (the GPU engine path covers `worker generate`): `cuda:N` is an error saying so, and `auto`
-/// that finds a GPU serves on the CPU, said once in the log.
-pub fn resolve_stage_device(arg: DeviceArg) -> Result<()> {
-    match (resolve_device(arg)?, arg) {
-        (ResolvedDevice::Cpu, _) => Ok(()),
-        (ResolvedDevice::Cuda { ordinal, .. }, DeviceArg::Cuda(_)) => Err(WorkerError::Device(format!(
-            "--device cuda:{ordinal}: `worker serve` runs stages on the CPU only so far (the GPU engine \
-             path covers `worker generate`); use --device cpu or auto"
-        ))),
-        (ResolvedDevice::Cuda { ordinal, .. }, _) => {
-            tracing::info!("--device auto found cuda:{ordinal}, but stages are served on the CPU only so far");
-            Ok(())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,8 +161,6 @@ mod tests {
             err.contains("--device cuda:0") && err.contains("`cuda` feature"),
             "{err}"
         );
-        assert!(resolve_stage_device(DeviceArg::Auto).is_ok());
-        assert!(resolve_stage_device(DeviceArg::Cuda(1)).is_err());
     }
 
     /// With the feature: without a driver (this machine class) `auto` is the CPU and `cuda:N`

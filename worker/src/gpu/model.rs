@@ -239,6 +239,27 @@ impl GpuModel {
             .unwrap_or_else(|| unreachable!("the cell was just set")))
     }
 
+    /// Checks that this range can run `pattern` (every layer it makes Full has indexer
+    /// weights) and uploads the indexers it needs; returns the layers uploaded by this call
+    /// (the twin of `Model::prepare_pattern`).
+    pub fn prepare_pattern(&self, pattern: &IndexPattern) -> Result<Vec<usize>> {
+        if pattern.len() != self.cfg.num_hidden_layers {
+            return Err(WorkerError::Pattern(format!(
+                "has {} entries but the model has num_hidden_layers = {}",
+                pattern.len(),
+                self.cfg.num_hidden_layers
+            )));
+        }
+        let mut loaded = Vec::new();
+        for layer in self.range.start..self.range.end {
+            if pattern.is_full(layer) && self.indexers[layer - self.range.start].get().is_none() {
+                self.indexer(layer)?;
+                loaded.push(layer);
+            }
+        }
+        Ok(loaded)
+    }
+
     /// Runs the range over a batch of segments under the start-up pattern.
     pub fn forward(
         &self,
@@ -426,6 +447,29 @@ impl GpuModel {
         };
         head.forward(&self.gemm, &xa, n, &mut logits.slice_mut(..), 1.0, 0.0)?;
         dev(self.k.download(&logits))
+    }
+
+    /// Visits the logits and log-probabilities (host log-softmax, as on the CPU) of the batch
+    /// rows `rows` of `hidden`, at most `chunk` rows of logits on the host at once;
+    /// `visit(i, logits, logprobs)` gets the index into `rows`.
+    pub fn for_each_logits_row(
+        &self,
+        hidden: &CudaView<f32>,
+        rows: &[usize],
+        chunk: usize,
+        visit: &mut crate::engine::LogitsVisitor<'_>,
+    ) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        let chunk = chunk.max(1);
+        let mut lp = vec![0.0; vocab];
+        for (c, part) in rows.chunks(chunk).enumerate() {
+            let logits = self.logits_rows(hidden, part)?;
+            for (i, row_logits) in logits.chunks_exact(vocab).enumerate() {
+                kernels::log_softmax(row_logits, &mut lp);
+                visit(c * chunk + i, row_logits, &lp);
+            }
+        }
+        Ok(())
     }
 
     /// Copies device hidden states to the host (what a stage sends on).

@@ -3,7 +3,7 @@
 
 use proto::v1::{self as pb, forward_request::Input};
 
-use super::{Outbound, StageState};
+use super::{LogitsRequest, Outbound, StageCompute, StageState};
 use crate::error::{Result, WorkerError};
 use crate::model::{Segment, StageInput};
 use crate::pattern::IndexPattern;
@@ -35,11 +35,10 @@ pub fn process(state: &StageState, req: pb::ForwardRequest) -> Outbound {
 }
 
 fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
-    // `Reconfigure` swaps model and cache together under the cache lock: take the model
-    // while holding it, so a batch never runs one range's layers on another range's cache.
-    let mut cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
-    let model = state.model();
-    let model = &*model;
+    // `Reconfigure` swaps ranges only between batches: the whole batch runs on one range.
+    let _batch = state.hold_batches();
+    let compute = state.compute();
+    let compute = &*compute;
     let segments = req
         .segments
         .iter()
@@ -70,7 +69,7 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
         }
     };
     // Each segment runs under its sequence's pattern (empty: the stage's start-up one).
-    let layers = model.config().num_hidden_layers;
+    let layers = compute.config().num_hidden_layers;
     let parsed = req
         .segments
         .iter()
@@ -82,10 +81,9 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    let patterns: Vec<&IndexPattern> = parsed.iter().map(|p| p.as_ref().unwrap_or(model.pattern())).collect();
-    let out = model.forward_with_patterns(&mut cache, &segments, &patterns, input)?;
-    drop(cache);
-    if !model.is_last() {
+    let patterns: Vec<&IndexPattern> = parsed.iter().map(|p| p.as_ref().unwrap_or(compute.pattern())).collect();
+    if !compute.is_last() {
+        let out = compute.forward(&segments, &patterns, input, None)?;
         for (s, r) in req.segments.iter_mut().zip(&out.relay) {
             s.relay = r.as_ref().map(|rows| {
                 let packed = relay::encode(rows, s.start as usize);
@@ -97,7 +95,7 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
         req.input = Some(Input::Hidden(proto::f32s_to_bytes(&out.hidden)));
         return Ok(Outbound::Next(req));
     }
-    let results = sample_and_score(state, model, &req.segments, &out.hidden)?;
+    let results = sample_and_score(state, compute, &segments, &patterns, input, &req.segments)?;
     Ok(Outbound::Report(
         req.report_to,
         pb::TokenReport {
@@ -112,13 +110,15 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
     ))
 }
 
-/// The last stage's work: prompt logprobs for the requested rows and a sampled token for
-/// segments that end on a sampling row.
+/// The last stage's work: runs the batch, then prompt logprobs for the requested rows and a
+/// sampled token for segments that end on a sampling row.
 fn sample_and_score(
     state: &StageState,
-    model: &crate::model::Model,
+    compute: &dyn StageCompute,
+    batch: &[Segment],
+    patterns: &[&IndexPattern],
+    input: StageInput,
     segments: &[pb::Segment],
-    hidden: &[f32],
 ) -> Result<Vec<pb::SegmentResult>> {
     // (segment, row in batch, Some(target) for a prompt logprob / None to sample)
     let mut wanted: Vec<(usize, usize, Option<u32>)> = Vec::new();
@@ -140,8 +140,9 @@ fn sample_and_score(
         })
         .collect();
     let rows: Vec<usize> = wanted.iter().map(|w| w.1).collect();
-    let mut rngs = state.rngs.lock().unwrap_or_else(|p| p.into_inner());
-    model.for_each_logits_row(hidden, &rows, state.logits_chunk, |i, logits, lp| {
+    // Taken after the forward, as the logits are visited (a Release may run meanwhile).
+    let mut rngs = None;
+    let mut visit = |i: usize, logits: &[f32], lp: &[f32]| {
         let (si, _, target) = wanted[i];
         let r = &mut results[si];
         match target {
@@ -155,13 +156,20 @@ fn sample_and_score(
                     top_k: p.top_k as usize,
                     seed: Some(p.seed),
                 };
+                let rngs = rngs.get_or_insert_with(|| state.rngs.lock().unwrap_or_else(|p| p.into_inner()));
                 let rng = rngs.entry(s.seq).or_insert_with(|| Rng::new(p.seed));
                 let tok = sample(logits, &params, rng);
                 r.token = Some(tok);
                 r.token_logprob = lp[tok as usize];
             }
         }
-    })?;
+    };
+    let logits = LogitsRequest {
+        rows: &rows,
+        chunk: state.logits_chunk,
+        visit: &mut visit,
+    };
+    compute.forward(batch, patterns, input, Some(logits))?;
     Ok(results)
 }
 

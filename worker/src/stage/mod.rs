@@ -5,8 +5,10 @@
 //! result straight to the next stage, or, on the last stage, samples and reports tokens to
 //! the coordinator's collector. Sequences' cache entries stay here until `Release`.
 //! `Reconfigure` swaps in another layer range (model and cache together) while no sequence
-//! holds cache here.
+//! holds cache here. The model and cache sit behind [`StageCompute`]: the CPU model
+//! ([`CpuStage`]) or, with the `cuda` feature, the GPU one (`crate::gpu::GpuStage`).
 
+mod backend;
 mod compute;
 mod observe;
 mod reconfigure;
@@ -14,14 +16,13 @@ mod service;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use proto::v1::{self as pb, ForwardRequest, TokenReport};
 
-use crate::kv_cache::KvCache;
-use crate::model::Model;
 use crate::sampling::Rng;
 
+pub use backend::{BatchOutput, CacheStats, CpuStage, LogitsRequest, StageCompute, StageDevice};
 pub use service::{serve, ServeOptions};
 
 /// Work for the ordered sender.
@@ -37,12 +38,13 @@ pub enum Outbound {
 pub struct StageState {
     /// This worker's id.
     pub worker_id: String,
-    /// The layer range; replaced (together with `cache`, under its lock) by `Reconfigure`.
-    model: RwLock<Arc<Model>>,
+    /// The layer range with its KV cache; replaced by `Reconfigure` (under `batch`).
+    compute: RwLock<Arc<dyn StageCompute>>,
+    /// Held while a micro-batch runs and while `Reconfigure` swaps ranges, so a batch runs
+    /// entirely on one range and a range is swapped only between batches.
+    batch: Mutex<()>,
     /// Served model name.
     pub model_name: String,
-    /// Paged cache of this range.
-    pub cache: Mutex<KvCache>,
     /// Checkpoint folder the model was loaded from (another range loads from it too).
     pub model_dir: PathBuf,
     /// etcd registration, re-published when the range changes.
@@ -63,10 +65,19 @@ pub struct StageState {
 const MAX_SPANS: usize = 256;
 
 impl StageState {
-    /// The model as loaded now. Whoever also uses the cache takes the model while holding
-    /// the cache lock, so the two always belong to the same range.
-    pub fn model(&self) -> Arc<Model> {
-        self.model.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The layer range (model and cache) served now.
+    pub fn compute(&self) -> Arc<dyn StageCompute> {
+        self.compute.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Swaps in another range; only under [`StageState::hold_batches`].
+    fn set_compute(&self, c: Arc<dyn StageCompute>) {
+        *self.compute.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    /// Keeps the range from changing (and other batches from starting) while held.
+    fn hold_batches(&self) -> MutexGuard<'_, ()> {
+        self.batch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Remembers a computed micro-batch's span.
@@ -80,10 +91,9 @@ impl StageState {
 
     /// Frees sequences' cache and sampling state (idempotent).
     pub fn release(&self, seqs: &[u64]) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        self.compute().release(seqs);
         let mut rngs = self.rngs.lock().unwrap_or_else(|p| p.into_inner());
         for s in seqs {
-            cache.release(*s);
             rngs.remove(s);
         }
     }

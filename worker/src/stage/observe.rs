@@ -34,7 +34,7 @@ impl ForwardObservation {
     /// continuing `parent`.
     pub fn start(state: &StageState, req: &mut pb::ForwardRequest, parent: TraceContext) -> Self {
         let (full_layers, shared_layers) = layer_runs(state, &req.segments);
-        let range = state.model().range();
+        let range = state.compute().range();
         // Stages append in pipeline order, so the entries so far give this stage's index.
         let stage = req.stage_stats.len();
         let span = tracing::info_span!(
@@ -66,11 +66,10 @@ impl ForwardObservation {
     /// or the report to the coordinator, including an error report), closes the span and
     /// returns its context for the next hop.
     pub fn finish(mut self, state: &StageState, out: &mut Outbound) -> TraceContext {
-        let range = state.model().range();
-        let (used, total) = {
-            let cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
-            (cache.used_blocks(), cache.capacity_blocks())
-        };
+        let compute = state.compute();
+        let range = compute.range();
+        let cache = compute.cache_stats();
+        let (used, total) = (cache.used_blocks, cache.capacity_blocks);
         let relay_out = match out {
             Outbound::Next(req) => req.relay_bytes,
             Outbound::Report(_, _) => self.relay_in,
@@ -105,7 +104,7 @@ impl ForwardObservation {
 /// segment under its own pattern (an empty or unparsable one counts as the stage's own:
 /// a bad pattern fails the batch anyway).
 fn layer_runs(state: &StageState, segments: &[pb::Segment]) -> (u64, u64) {
-    let model = state.model();
+    let model = state.compute();
     let range = model.range();
     let layers = model.config().num_hidden_layers;
     let mut parsed: HashMap<&str, Option<IndexPattern>> = HashMap::new();

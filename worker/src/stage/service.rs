@@ -13,9 +13,8 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
 use super::observe::ForwardObservation;
-use super::{compute, reconfigure, Outbound, StageHandle, StageState};
+use super::{compute, reconfigure, Outbound, StageCompute, StageHandle, StageState};
 use crate::error::Result;
-use crate::model::Model;
 use crate::telemetry::{self, TraceContext};
 
 /// How to run a stage server.
@@ -28,10 +27,6 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Next stage's address (`None` on the last stage).
     pub next: Option<String>,
-    /// Positions per KV block.
-    pub block_size: usize,
-    /// KV blocks.
-    pub kv_blocks: usize,
     /// Rows whose logits are materialized at once.
     pub logits_chunk: usize,
     /// Checkpoint folder (`Reconfigure` loads other ranges from it).
@@ -72,8 +67,8 @@ impl Stage for StageService {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> std::result::Result<Response<pb::StageInfo>, Status> {
         let state = self.state.clone();
         let info = tokio::task::spawn_blocking(move || {
-            let cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
-            let model = state.model();
+            let model = state.compute();
+            let cache = model.cache_stats();
             let range = model.range();
             pb::StageInfo {
                 worker_id: state.worker_id.clone(),
@@ -81,11 +76,11 @@ impl Stage for StageService {
                 layer_end: range.end as u32,
                 num_layers: model.config().num_hidden_layers as u32,
                 index_pattern: model.pattern().to_string(),
-                kv_blocks_total: cache.capacity_blocks() as u64,
-                kv_blocks_free: cache.free_blocks() as u64,
-                block_size: cache.block_size() as u32,
+                kv_blocks_total: cache.capacity_blocks as u64,
+                kv_blocks_free: cache.free_blocks as u64,
+                block_size: cache.block_size as u32,
                 model: state.model_name.clone(),
-                active_sequences: cache.sequences() as u32,
+                active_sequences: cache.sequences as u32,
                 recent_batches: state
                     .spans
                     .lock()
@@ -108,7 +103,7 @@ impl Stage for StageService {
         let text = req.into_inner().index_pattern;
         // Loading indexer weights reads the checkpoint: off the executor.
         let loaded = tokio::task::spawn_blocking(move || {
-            let model = state.model();
+            let model = state.compute();
             let pattern = crate::IndexPattern::parse(&text, model.config().num_hidden_layers)?;
             model.prepare_pattern(&pattern)
         })
@@ -205,18 +200,19 @@ async fn report_to_collector(
     }
 }
 
-/// Serves `model` as a stage until the process is stopped.
-pub async fn serve(model: Model, opts: ServeOptions) -> Result<()> {
-    let cache = model.new_cache(opts.block_size, opts.kv_blocks);
+/// Serves a layer range (`compute`: its model and KV cache, on the CPU or a GPU) as a stage
+/// until the process is stopped.
+pub async fn serve(compute: Box<dyn StageCompute>, opts: ServeOptions) -> Result<()> {
+    tracing::info!(device = %compute.device(), "stage layer range loaded");
     let state: StageHandle = Arc::new(StageState {
         worker_id: opts.worker_id.clone(),
         model_name: opts.model_name.clone(),
-        cache: Mutex::new(cache),
         rngs: Mutex::new(HashMap::new()),
         next: opts.next.clone(),
         logits_chunk: opts.logits_chunk,
         spans: Mutex::new(std::collections::VecDeque::new()),
-        model: std::sync::RwLock::new(Arc::new(model)),
+        compute: std::sync::RwLock::new(Arc::from(compute)),
+        batch: Mutex::new(()),
         model_dir: opts.model_dir.clone(),
         registration: opts.registration.clone(),
         reconfiguring: Mutex::new(()),

@@ -1,0 +1,92 @@
+//! The stage server on a GPU (needs a CUDA device: the tests are `#[ignore]`d and
+//! `scripts/gpu-check.sh run` runs them with `--include-ignored`): two layer ranges on one
+//! GPU, each behind its own stage server (`worker::stage::serve` over `GpuStage`), hidden
+//! states and relayed top-k indices passed between them over loopback gRPC, give the CPU
+//! engine's greedy tokens, with logprobs within BF16 tolerance; a `Reconfigure` that moves
+//! the boundary on the GPU keeps giving them.
+
+mod support;
+
+use support::{engine_greedy, first_prompt, fixture, Greedy, Pipeline};
+use worker::gpu::{GpuEngineOptions, GpuStage, MemoryFraction};
+use worker::stage::StageCompute;
+use worker::{EngineOptions, LayerRange, ModelConfig};
+
+/// BF16 weights and activations against the F32 CPU engine (issue 5's tolerance).
+const BF16_TOL: f32 = 2e-2;
+
+fn ordinal() -> usize {
+    std::env::var("INDEXRELAY_TEST_DEVICE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn gpu_stages(dir: &std::path::Path, bounds: &[usize]) -> Vec<Box<dyn StageCompute>> {
+    let cfg = ModelConfig::from_dir(dir).unwrap();
+    let mut edges = vec![0];
+    edges.extend_from_slice(bounds);
+    edges.push(cfg.num_hidden_layers);
+    let opts = GpuEngineOptions {
+        // Two stages share the device: a small share and a small fixed cache each.
+        memory_fraction: MemoryFraction::new(0.3).unwrap(),
+        max_blocks: Some(256),
+        block_size: 16,
+        ..GpuEngineOptions::new(ordinal(), &EngineOptions::default())
+    };
+    edges
+        .windows(2)
+        .map(|w| {
+            let s = GpuStage::load(dir, cfg.clone(), None, LayerRange::new(w[0], w[1]), opts)
+                .unwrap_or_else(|e| panic!("the GPU stage tests need a CUDA device: {e}"));
+            Box::new(s) as Box<dyn StageCompute>
+        })
+        .collect()
+}
+
+fn close(what: &str, got: &Greedy, want: &Greedy) {
+    assert_eq!(got.tokens, want.tokens, "{what}: greedy tokens");
+    for (i, (g, c)) in got
+        .token_logprobs
+        .iter()
+        .zip(&want.token_logprobs)
+        .chain(got.prompt_logprobs.iter().zip(&want.prompt_logprobs))
+        .enumerate()
+    {
+        assert!((g - c).abs() <= BF16_TOL, "{what}: logprob {i}: GPU {g} vs CPU {c}");
+    }
+    assert_eq!(got.prompt_logprobs.len(), want.prompt_logprobs.len(), "{what}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run by scripts/gpu-check.sh"]
+fn two_gpu_stage_servers_on_one_gpu_give_the_cpu_engine_tokens() {
+    let dir = fixture("dsv32_pattern"); // FSSFSS: a stage at 2 starts on Shared (relay)
+    let prompt = first_prompt("dsv32_pattern");
+    let want = engine_greedy(&dir, &prompt, 6);
+    let mut p = Pipeline::start(&dir, gpu_stages(&dir, &[2]));
+    let got = p.greedy(1, &prompt, 6);
+    close("split at 2", &got, &want);
+    assert!(p.relay_bytes > 0, "the stage starting on a Shared layer got a relay");
+    for i in 0..2 {
+        let info = p.info(i);
+        assert_eq!(info.block_size, 16);
+        assert!(info.kv_blocks_total > 0 && info.kv_blocks_total <= 256, "{info:?}");
+    }
+    // A live sequence holds cache: Reconfigure is refused.
+    let busy = p.reconfigure(0, 0, 3).unwrap_err();
+    assert_eq!(busy.code(), tonic::Code::FailedPrecondition, "{busy}");
+    p.release(1);
+    // Move the boundary to 3 (a Full layer: no relay) on the GPU, then decode again.
+    let r0 = p.reconfigure(0, 0, 3).unwrap();
+    let r1 = p.reconfigure(1, 3, 6).unwrap();
+    assert!(r0.changed && r1.changed);
+    let before = p.relay_bytes;
+    let again = p.greedy(2, &prompt, 6);
+    close("split at 3 after Reconfigure", &again, &want);
+    assert_eq!(p.relay_bytes, before, "no relay into a stage starting on a Full layer");
+    p.release(2);
+    let info = p.info(1);
+    assert_eq!((info.layer_start, info.layer_end), (3, 6));
+    assert_eq!(info.kv_blocks_free, info.kv_blocks_total);
+}
