@@ -306,3 +306,74 @@ async fn a_stage_refuses_to_reconfigure_while_it_holds_a_sequence_and_survives_a
     let got = c.generate(probe.clone(), 6, greedy(), true).await.unwrap();
     assert_same("after the refused reconfigurations", &got, &probe_want);
 }
+
+/// Swaps the two dimensions of `tensor`'s shape in `dir/model.safetensors`'s header (same
+/// byte length, so every offset stays), through a new file renamed into place: processes
+/// that already read the old file keep what they read.
+fn break_shape(dir: &std::path::Path, tensor: &str) {
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().to_string();
+    let at = header.find(&format!("\"{tensor}\"")).expect("tensor in the header");
+    let open = at + header[at..].find("\"shape\":[").unwrap() + "\"shape\":[".len();
+    let close = open + header[open..].find(']').unwrap();
+    let dims: Vec<&str> = header[open..close].split(',').collect();
+    assert_eq!(dims.len(), 2);
+    assert_ne!(dims[0], dims[1], "swapping must change the shape");
+    assert_eq!(dims[0].len(), dims[1].len(), "the header must keep its length");
+    let swapped = format!("{},{}", dims[1], dims[0]);
+    bytes[8 + open..8 + close].copy_from_slice(swapped.as_bytes());
+    let tmp = dir.join("model.safetensors.tmp");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_plan_whose_load_fails_rolls_the_moved_stages_back() {
+    let src = fixture("glm_dense");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "expected.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let dir = tmp.path();
+    let probe = prompt_cases(&src)[1].clone();
+    let p1 = "FFSSSS"; // the planner moves 0..2, 2..4, 4..6 to 0..1, 1..3, 3..6
+    let probe_p1 = run_one(&mut engine_with(&src, Some(p1)), &probe, 8, true);
+    let c = Cluster::start(dir, 3, &[], &[]).await;
+    // Stage 2 serves 4..6 and must load 3..6: a layer it already holds, broken on disk now,
+    // makes its load fail, while stages 0 and 1 load 0..1 and 1..3 (and back) from intact
+    // tensors.
+    break_shape(dir, "model.layers.4.mlp.shared_experts.down_proj.weight");
+    let err = admin_client(&c.addr)
+        .set_pattern(pb::SetPatternRequest {
+            pattern: p1.into(),
+            keep_plan: false,
+            drain_timeout_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let msg = err.message();
+    assert!(
+        msg.contains("re-plan aborted")
+            && msg.contains("stage 2")
+            && msg.contains("model.layers.4.mlp.shared_experts.down_proj.weight")
+            && msg.contains("0..2, 2..4, 4..6")
+            && !msg.contains("stage 0")
+            && !msg.contains("stage 1"),
+        "{msg}"
+    );
+    // Every stage is back on (or never left) its old range, the coordinator's plan says so,
+    // the new pattern is active, and answers equal the engine's under it.
+    let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
+    assert_eq!(ranges(&s["plan"]), [(0, 2), (2, 4), (4, 6)]);
+    assert_eq!(ranges(&s["workers"]), [(0, 2), (2, 4), (4, 6)]);
+    assert_eq!(s["pattern"]["pattern"], p1);
+    assert_eq!(s["replanning"], false);
+    for (i, want) in [(0, 2), (2, 4), (4, 6)].into_iter().enumerate() {
+        assert_eq!(stage_range(&c.worker_addrs[i]).await, want, "stage {i}");
+    }
+    let got = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
+    assert_same("probe after the rolled-back re-plan", &got, &probe_p1);
+}
