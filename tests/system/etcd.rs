@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use super::cluster::{fixture, generate_with, prompt_cases, Cluster};
 use super::{assert_same, greedy, local};
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-struct Proc(Child);
+pub(super) struct Proc(pub(super) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -25,7 +25,7 @@ impl Drop for Proc {
 }
 
 /// A throw-away single-node etcd on loopback.
-fn start_etcd(dir: &Path) -> (Proc, String) {
+pub(super) fn start_etcd(dir: &Path) -> (Proc, String) {
     let (client, peer) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{client}");
     let child = Command::new("etcd")
@@ -48,12 +48,12 @@ fn start_etcd(dir: &Path) -> (Proc, String) {
     (Proc(child), url)
 }
 
-fn start_worker(etcd: &str, dir: &Path, id: &str) -> Proc {
+pub(super) fn start_worker(etcd: &str, dir: &Path, id: &str) -> Proc {
     start_worker_on(etcd, dir, id, free_port())
 }
 
 /// A worker process joining through etcd, serving on `port`.
-fn start_worker_on(etcd: &str, dir: &Path, id: &str, port: u16) -> Proc {
+pub(super) fn start_worker_on(etcd: &str, dir: &Path, id: &str, port: u16) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args([
             "stage",

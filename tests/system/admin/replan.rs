@@ -377,3 +377,89 @@ async fn a_re_plan_whose_load_fails_rolls_the_moved_stages_back() {
     let got = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
     assert_same("probe after the rolled-back re-plan", &got, &probe_p1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_a_re_plan_rewrites_the_assignments_so_a_restarted_worker_loads_its_new_range() {
+    use super::super::etcd::{free_port, start_etcd, start_worker, start_worker_on};
+    use worker::membership;
+
+    const PREFIX: &str = "/indexrelay/test";
+    let tmp = tempfile::tempdir().unwrap();
+    let (_etcd, url) = start_etcd(tmp.path());
+    let dir = fixture("glm_dense");
+    let probe = prompt_cases(&dir)[1].clone();
+    let p1 = "FFSSSS"; // the planner moves 0..2, 2..4, 4..6 to 0..1, 1..3, 3..6
+    let probe_p1 = run_one(&mut engine_with(&dir, Some(p1)), &probe, 8, true);
+    let w0 = start_worker(&url, &dir, "w0");
+    let w1_port = free_port();
+    let w1 = start_worker_on(&url, &dir, "w1", w1_port);
+    let w2 = start_worker(&url, &dir, "w2");
+    let c = Cluster::start(&dir, 3, &[], &["--etcd", &url, "--etcd-prefix", PREFIX]).await;
+    let s = ok_json(&irctl_async(&c.addr, &["status", "--json"]).await);
+    assert_eq!(ranges(&s["plan"]), [(0, 2), (2, 4), (4, 6)]);
+    // Which worker holds which stage is the coordinator's choice: read it from etcd.
+    let endpoints = vec![url.clone()];
+    let assigned = |id: &'static str| {
+        let endpoints = endpoints.clone();
+        async move {
+            let a = membership::wait_for_assignment(&endpoints, PREFIX, id).await.unwrap();
+            (a.stage, a.layer_start, a.layer_end)
+        }
+    };
+    let before: Vec<(usize, usize, usize)> = vec![assigned("w0").await, assigned("w1").await, assigned("w2").await];
+
+    let p = ok_json(&irctl_async(&c.addr, &["pattern", "set", p1, "--json"]).await);
+    assert_eq!(p["plan_changed"], true);
+    let new_plan = [(0usize, 1usize), (1, 3), (3, 6)];
+    assert_eq!(ranges(&p["plan"]), [(0, 1), (1, 3), (3, 6)]);
+
+    // Each worker re-publishes its record and rewrites its assignment's range (on a
+    // background task: poll).
+    let ids = ["w0", "w1", "w2"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut client = membership::connect(&endpoints).await.unwrap();
+        let records = membership::list_workers(&mut client, PREFIX).await.unwrap();
+        let mut done = records.len() == 3;
+        for (i, id) in ids.iter().enumerate() {
+            let stage = before[i].0;
+            let (a_stage, start, end) = assigned(id).await;
+            assert_eq!(a_stage, stage, "{id} keeps its stage");
+            let rec = records.iter().find(|r| r.worker_id == *id);
+            let want = new_plan[stage];
+            done &= (start, end) == want
+                && rec.is_some_and(|r| (r.layer_start, r.layer_end) == (Some(want.0), Some(want.1)));
+        }
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd never showed the new ranges: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // w1 dies and comes back on the same id and address: it loads the range the cluster
+    // now expects (from the rewritten assignment), not the one it started with.
+    drop(w1);
+    let t0 = Instant::now();
+    while c.health().await == super::super::pb_serving() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "dead worker not noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w1 = start_worker_on(&url, &dir, "w1", w1_port);
+    let t0 = Instant::now();
+    while c.health().await != super::super::pb_serving() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "restarted worker not noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w1_stage = before[1].0;
+    assert_eq!(
+        stage_range(&format!("127.0.0.1:{w1_port}")).await,
+        (new_plan[w1_stage].0 as u32, new_plan[w1_stage].1 as u32)
+    );
+    let got = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
+    assert_same("after the restart on the new plan", &got, &probe_p1);
+    drop((w0, w1, w2));
+}
