@@ -2,8 +2,9 @@
 # GPU check for the CUDA kernels, in two halves so the GPU host builds nothing:
 #
 #   scripts/gpu-check.sh prepare [DIR]   # on a build machine (no GPU needed): builds the GPU
-#                                        # parity test binaries (kernels' and the worker's GPU
-#                                        # engine vs its CPU engine) and cuda-bench, compiles every
+#                                        # test binaries (kernels' parity and NCCL tests, the
+#                                        # worker's GPU engine and GPU stage servers vs its CPU
+#                                        # engine) and cuda-bench, compiles every
 #                                        # kernel with NVRTC for common architectures into a
 #                                        # kernel cache, strips, and puts it all in DIR
 #   scripts/gpu-check.sh run [DIR]       # on the GPU host: runs the parity tests (--ignored
@@ -31,7 +32,7 @@ prepare() {
   cp "$target/release/cuda-bench" "$dir/bin/"
   # The test binaries' paths come from cargo's JSON messages.
   cargo test --locked -p kernels --features cuda --no-run --message-format=json \
-      --test cuda_parity --test cuda_parity_dsa --test cuda_device --test cuda_rows \
+      --test cuda_parity --test cuda_parity_dsa --test cuda_device --test cuda_rows --test cuda_nccl \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -63,12 +64,39 @@ for line in sys.stdin:
     elif name == "worker" and "lib" in m["target"]["kind"]:
         print("worker_cuda_unit", m["executable"])
 ' | while read -r name exe; do cp "$exe" "$dir/bin/$name"; done
-  for t in cuda_parity cuda_parity_dsa cuda_device cuda_rows gpu_parity gpu_stage worker_cuda_unit; do
+  for t in cuda_parity cuda_parity_dsa cuda_device cuda_rows cuda_nccl gpu_parity gpu_stage worker_cuda_unit; do
     test -x "$dir/bin/$t" || { echo "gpu-check: test binary $t was not built" >&2; exit 1; }
   done
   strip "$dir"/bin/* 2>/dev/null || true
   INDEXRELAY_KERNEL_CACHE="$dir/kernel-cache" "$dir/bin/cuda-bench" --precompile "$arches" >/dev/null
   echo "gpu-check: prepared $dir ($(du -sh "$dir" | cut -f1)): $(ls "$dir/bin" | tr '\n' ' ')"
+}
+
+# cudarc loads NCCL as libnccl.so, but NCCL's packages ship libnccl.so.2 (the bare name is a
+# development link): when the bare name does not load, link the first libnccl.so.2 found (the
+# loader cache, CUDA's and the usual library folders, a pip `nvidia-nccl-cu*` wheel) as
+# libnccl.so in a temporary folder put first on LD_LIBRARY_PATH.
+nccl_path() {
+  if python3 -c 'import ctypes; ctypes.CDLL("libnccl.so")' 2>/dev/null; then
+    echo "gpu-check: libnccl.so loads"
+    return
+  fi
+  local so2
+  so2=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 /{print $NF; exit}')
+  if [ -z "$so2" ]; then
+    so2=$( (ls /usr/lib/x86_64-linux-gnu/libnccl.so.2 /usr/local/cuda*/lib64/libnccl.so.2 /usr/lib64/libnccl.so.2 \
+              $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | \
+                tr ' ' '\n' | sed 's|$|/nvidia/nccl/lib/libnccl.so.2|') 2>/dev/null || true) | head -n1)
+  fi
+  if [ -z "$so2" ]; then
+    echo "gpu-check: no NCCL (libnccl.so.2) on this host: the NCCL tests check only the fallback"
+    return
+  fi
+  local link_dir
+  link_dir=$(mktemp -d)
+  ln -s "$so2" "$link_dir/libnccl.so"
+  export LD_LIBRARY_PATH="$link_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "gpu-check: linked $so2 as $link_dir/libnccl.so"
 }
 
 run() {
@@ -81,10 +109,19 @@ run() {
   # gpu_parity reads the golden fixtures of this checkout (its compiled-in path is the build
   # machine's).
   export INDEXRELAY_FIXTURES="${INDEXRELAY_FIXTURES:-$PWD/tests/fixtures/golden}"
-  for t in cuda_device cuda_parity cuda_parity_dsa cuda_rows gpu_parity gpu_stage; do
+  nccl_path
+  # The NCCL data-plane tests between two GPUs need two; on a one-GPU host they are not run
+  # (said here, and in the log), the one-GPU NCCL and fallback checks still are.
+  local gpus skip=()
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  if [ "$gpus" -lt 2 ]; then
+    skip=(--skip two_gpus_exchange_hidden_states_and_indices_over_nccl --skip stage_servers_on_two_gpus_move_hidden_states_over_nccl)
+    echo "gpu-check: $gpus GPU(s): the two-GPU NCCL tests are NOT RUN on this host" | tee "$out/nccl-two-gpu-not-run.txt"
+  fi
+  for t in cuda_device cuda_parity cuda_parity_dsa cuda_rows cuda_nccl gpu_parity gpu_stage; do
     echo "== $t"
     # --include-ignored: the parity tests are #[ignore]d where there is no GPU.
-    if ! "$dir/bin/$t" --include-ignored --test-threads=1 2>&1 | tee "$out/$t.log"; then
+    if ! "$dir/bin/$t" --include-ignored --test-threads=1 ${skip[@]+"${skip[@]}"} 2>&1 | tee "$out/$t.log"; then
       status=1
     fi
   done

@@ -2,8 +2,11 @@
 //! `scripts/gpu-check.sh run` runs them with `--include-ignored`): two layer ranges on one
 //! GPU, each behind its own stage server (`worker::stage::serve` over `GpuStage`), hidden
 //! states and relayed top-k indices passed between them over loopback gRPC, give the CPU
-//! engine's greedy tokens, with logprobs within BF16 tolerance; a `Reconfigure` that moves
-//! the boundary on the GPU keeps giving them.
+//! engine's greedy tokens, with logprobs within BF16 tolerance (two stages on one GPU stay on
+//! the gRPC data plane: NCCL needs one GPU per rank); a `Reconfigure` that moves the boundary
+//! on the GPU keeps giving them. On a host with two GPUs and NCCL, stages on different GPUs
+//! move hidden states over NCCL and give the same tokens (gpu-check.sh runs that test only
+//! there).
 
 mod support;
 
@@ -22,26 +25,33 @@ fn ordinal() -> usize {
         .unwrap_or(0)
 }
 
-fn gpu_stages(dir: &std::path::Path, bounds: &[usize]) -> Vec<Box<dyn StageCompute>> {
+/// One stage per range between `bounds`, stage `i` on device `devices[i]`.
+fn gpu_stages_on(dir: &std::path::Path, bounds: &[usize], devices: &[usize]) -> Vec<Box<dyn StageCompute>> {
     let cfg = ModelConfig::from_dir(dir).unwrap();
     let mut edges = vec![0];
     edges.extend_from_slice(bounds);
     edges.push(cfg.num_hidden_layers);
-    let opts = GpuEngineOptions {
-        // Two stages share the device: a small share and a small fixed cache each.
-        memory_fraction: MemoryFraction::new(0.3).unwrap(),
-        max_blocks: Some(256),
-        block_size: 16,
-        ..GpuEngineOptions::new(ordinal(), &EngineOptions::default())
-    };
     edges
         .windows(2)
-        .map(|w| {
+        .zip(devices)
+        .map(|(w, &device)| {
+            let opts = GpuEngineOptions {
+                // Stages may share a device: a small share and a small fixed cache each.
+                memory_fraction: MemoryFraction::new(0.3).unwrap(),
+                max_blocks: Some(256),
+                block_size: 16,
+                ..GpuEngineOptions::new(device, &EngineOptions::default())
+            };
             let s = GpuStage::load(dir, cfg.clone(), None, LayerRange::new(w[0], w[1]), opts)
                 .unwrap_or_else(|e| panic!("the GPU stage tests need a CUDA device: {e}"));
             Box::new(s) as Box<dyn StageCompute>
         })
         .collect()
+}
+
+/// Every stage on the test device.
+fn gpu_stages(dir: &std::path::Path, bounds: &[usize]) -> Vec<Box<dyn StageCompute>> {
+    gpu_stages_on(dir, bounds, &[ordinal(); 8][..bounds.len() + 1])
 }
 
 fn close(what: &str, got: &Greedy, want: &Greedy) {
@@ -68,6 +78,9 @@ fn two_gpu_stage_servers_on_one_gpu_give_the_cpu_engine_tokens() {
     let got = p.greedy(1, &prompt, 6);
     close("split at 2", &got, &want);
     assert!(p.relay_bytes > 0, "the stage starting on a Shared layer got a relay");
+    let first = p.info(0);
+    assert_eq!(first.device, format!("cuda:{}", ordinal()));
+    assert_eq!(first.data_plane, "grpc", "stages on one GPU stay on gRPC");
     for i in 0..2 {
         let info = p.info(i);
         assert_eq!(info.block_size, 16);
@@ -89,4 +102,35 @@ fn two_gpu_stage_servers_on_one_gpu_give_the_cpu_engine_tokens() {
     let info = p.info(1);
     assert_eq!((info.layer_start, info.layer_end), (3, 6));
     assert_eq!(info.kv_blocks_free, info.kv_blocks_total);
+}
+
+#[test]
+#[ignore = "needs two CUDA GPUs and NCCL; run by scripts/gpu-check.sh when the host has two"]
+fn stage_servers_on_two_gpus_move_hidden_states_over_nccl() {
+    let n = kernels::cuda::device_count().unwrap_or(0);
+    assert!(
+        n >= 2,
+        "this test needs two GPUs, found {n} (gpu-check.sh runs it only then)"
+    );
+    assert!(
+        kernels::cuda::nccl_present(),
+        "this test needs libnccl.so on the loader path"
+    );
+    let dir = fixture("dsv32_pattern");
+    let prompt = first_prompt("dsv32_pattern");
+    let want = engine_greedy(&dir, &prompt, 6);
+    // Three stages: cuda:0 -> cuda:1 -> cuda:0, so both hops cross GPUs; FSSFSS makes layers
+    // 2 and 4 Shared, so both hops also relay top-k rows (over gRPC).
+    let mut p = Pipeline::start(&dir, gpu_stages_on(&dir, &[2, 4], &[0, 1, 0]));
+    // The first batch goes over gRPC while the link opens; the rest over NCCL.
+    let got = p.greedy(1, &prompt, 6);
+    close("two GPUs over NCCL", &got, &want);
+    for i in 0..2 {
+        assert_eq!(p.info(i).data_plane, "nccl", "stage {i} sends over NCCL");
+    }
+    // A second sequence runs entirely over the open links.
+    let again = p.greedy(2, &prompt, 6);
+    close("second sequence over NCCL", &again, &want);
+    p.release(1);
+    p.release(2);
 }

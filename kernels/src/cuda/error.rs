@@ -51,6 +51,14 @@ pub enum CudaError {
         /// cuBLAS's error.
         message: String,
     },
+    /// An NCCL call failed (joining a communicator, a send or a receive).
+    #[error("NCCL error while {context}: {message}")]
+    Nccl {
+        /// What we were doing.
+        context: String,
+        /// NCCL's result code.
+        message: String,
+    },
     /// The compiled-kernel cache could not be read or written.
     #[error("kernel cache {path}: {source}")]
     Cache {

@@ -8,6 +8,7 @@
 //! - [`GpuKernels`] is one device with every kernel loaded; its methods mirror the CPU
 //!   kernels' semantics (same tie-breaking, same rounding where the CPU is exact), so GPU
 //!   outputs can be compared with CPU ones (`tests/cuda_parity.rs`).
+//! - [`NcclPeer`] links two neighbouring pipeline stages' GPUs (NCCL send/recv).
 //! - [`compile`] and [`KernelCache`] build kernels without a device (CI checks every source
 //!   with NVRTC; `scripts/gpu-check.sh` ships a pre-filled cache to the GPU host).
 
@@ -16,6 +17,7 @@ mod cache;
 mod context;
 mod device;
 mod error;
+mod nccl;
 mod nvrtc;
 mod ops;
 mod ops_dsa;
@@ -27,6 +29,7 @@ pub use cache::{cache_key, CacheOutcome, KernelCache, CACHE_DIR_ENV};
 pub use context::{GpuKernels, ARCH_ENV};
 pub use device::{device_count, driver_present, probe, select_backend, Backend, CudaDeviceInfo, DeviceSpec};
 pub use error::{CudaError, Result};
+pub use nccl::{nccl_present, nccl_unique_id, NcclPeer, NCCL_UNIQUE_ID_BYTES};
 pub use nvrtc::{compile, ensure_nvrtc, nvrtc_version, options_for, ptx_entries, Arch, NVRTC_LIB_ENV};
 pub use ops::{MoeRouting, RopeLayout, SAMPLE_MAX_CANDIDATES};
 pub use ops_dsa::{GpuIndexerInputs, GpuMlaInputs, PagedView, TopkOrder};

@@ -280,12 +280,44 @@ impl GpuModel {
         patterns: &[&IndexPattern],
         input: StageInput,
     ) -> Result<DeviceStageOutput> {
-        let d = self.cfg.hidden_size;
         let rows = crate::model::check_input(&self.cfg, segments, patterns, &input)?;
-        let mut hidden = match input {
+        let hidden = match input {
             StageInput::Tokens(t) => self.embed_tokens(&t)?,
             StageInput::Hidden(h) => dev(self.k.upload(&h))?,
         };
+        self.run_layers(cache, segments, patterns, rows, hidden)
+    }
+
+    /// [`GpuModel::forward_with_patterns`] with the input hidden states already on the
+    /// device (received from the previous stage over NCCL), `rows × hidden_size` values.
+    pub fn forward_device_hidden(
+        &self,
+        cache: &mut DeviceKvCache,
+        segments: &[Segment],
+        patterns: &[&IndexPattern],
+        hidden: CudaSlice<f32>,
+    ) -> Result<DeviceStageOutput> {
+        let rows = crate::model::check_rows(segments, patterns)?;
+        let d = self.cfg.hidden_size;
+        if hidden.len() != rows * d {
+            return Err(WorkerError::invalid(
+                "hidden",
+                format!("{} values for {rows} rows × hidden_size {d}", hidden.len()),
+            ));
+        }
+        self.run_layers(cache, segments, patterns, rows, hidden)
+    }
+
+    /// The layers of the range over `rows` input rows `hidden` (checked against the batch).
+    fn run_layers(
+        &self,
+        cache: &mut DeviceKvCache,
+        segments: &[Segment],
+        patterns: &[&IndexPattern],
+        rows: usize,
+        mut hidden: CudaSlice<f32>,
+    ) -> Result<DeviceStageOutput> {
+        let d = self.cfg.hidden_size;
         crate::model::check_segments(&self.cfg, self.range, cache, segments, patterns)?;
         let layer_indexers = (self.range.start..self.range.end)
             .map(|layer| {

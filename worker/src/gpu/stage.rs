@@ -2,21 +2,25 @@
 //! layer range with its device KV cache.
 //!
 //! Input rows arrive on the host (tokens, or hidden states from the previous stage over gRPC)
-//! and are uploaded; a middle stage downloads its output hidden states and relay for the next
-//! stage; the last stage keeps its hidden states on the device and brings back only the
-//! logits rows the sampler needs, as [`super::GpuBackend`] does for the engine.
+//! and are uploaded, or arrive on the device over the NCCL data plane; a middle stage
+//! downloads its output hidden states for gRPC or sends them over NCCL (the relay comes back
+//! to the host either way: it travels compressed in the request); the last stage keeps its
+//! hidden states on the device and brings back only the logits rows the sampler needs, as
+//! [`super::GpuBackend`] does for the engine.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use super::backend::{cache_blocks_for, GpuEngineOptions};
 use super::cache::DeviceKvCache;
-use super::model::GpuModel;
+use super::model::{dev, GpuModel};
 use crate::config::ModelConfig;
 use crate::error::{Result, WorkerError};
-use crate::model::{LayerRange, Segment, StageInput};
+use crate::model::{LayerRange, Segment};
 use crate::pattern::IndexPattern;
-use crate::stage::{BatchOutput, CacheStats, LogitsRequest, StageCompute, StageDevice};
+use crate::stage::data_plane::PeerLink;
+use crate::stage::{BatchInput, BatchOutput, BatchSink, CacheStats, StageCompute, StageDevice};
+use kernels::cuda::CudaSlice;
 
 /// One layer range on a GPU with its KV cache (`None` only between `free_cache` and
 /// `allocate_cache` during a `Reconfigure`).
@@ -66,6 +70,19 @@ impl GpuStage {
     fn cache(&self) -> MutexGuard<'_, Option<DeviceKvCache>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Receives `floats` hidden-state values from the previous stage over `link`.
+    fn receive(&self, floats: usize, link: &PeerLink) -> Result<CudaSlice<f32>> {
+        if floats == 0 {
+            return Err(WorkerError::invalid(
+                "nccl.hidden_floats",
+                "0: a micro-batch over NCCL carries at least one row",
+            ));
+        }
+        let mut h = dev(self.model.kernels().zeros::<f32>(floats))?;
+        dev(link.recv(&mut h))?;
+        Ok(h)
+    }
 }
 
 impl StageCompute for GpuStage {
@@ -97,30 +114,60 @@ impl StageCompute for GpuStage {
         &self,
         segments: &[Segment],
         patterns: &[&IndexPattern],
-        input: StageInput,
-        logits: Option<LogitsRequest<'_, '_>>,
+        input: BatchInput<'_>,
+        sink: BatchSink<'_, '_>,
     ) -> Result<BatchOutput> {
+        // Hidden states over NCCL are received first, whatever happens next.
+        let received = match input {
+            BatchInput::Host(i) => Err(i),
+            BatchInput::Peer { floats, link } => Ok(self.receive(floats, link)?),
+        };
         let out = {
             let mut guard = self.cache();
             let cache = guard.as_mut().ok_or_else(|| {
                 WorkerError::Device("this stage has no KV cache (a failed Reconfigure left it without one)".into())
             })?;
-            self.model.forward_with_patterns(cache, segments, patterns, input)?
+            match received {
+                Err(host) => self.model.forward_with_patterns(cache, segments, patterns, host)?,
+                Ok(hidden) => self.model.forward_device_hidden(cache, segments, patterns, hidden)?,
+            }
         };
-        match logits {
-            Some(l) => {
+        match sink {
+            BatchSink::Logits(l) => {
                 self.model
                     .for_each_logits_row(&out.hidden.slice(..), l.rows, l.chunk, l.visit)?;
                 Ok(BatchOutput {
-                    hidden: Vec::new(),
                     relay: out.relay,
+                    ..BatchOutput::default()
                 })
             }
-            None => Ok(BatchOutput {
+            BatchSink::Host => Ok(BatchOutput {
                 hidden: self.model.download(&out.hidden)?,
                 relay: out.relay,
+                sent_floats: 0,
             }),
+            BatchSink::Peer(link) => {
+                let sent_floats = out.hidden.len();
+                dev(link.send(out.hidden))?;
+                Ok(BatchOutput {
+                    hidden: Vec::new(),
+                    relay: out.relay,
+                    sent_floats,
+                })
+            }
         }
+    }
+
+    fn nccl_unique_id(&self) -> Result<Vec<u8>> {
+        dev(kernels::cuda::nccl_unique_id()).map(|id| id.to_vec())
+    }
+
+    fn join_peer(&self, unique_id: &[u8], rank: usize) -> Result<PeerLink> {
+        dev(PeerLink::join(self.model.kernels(), unique_id, rank))
+    }
+
+    fn discard_peer_input(&self, floats: usize, link: &PeerLink) -> Result<()> {
+        self.receive(floats, link).map(drop)
     }
 
     fn release(&self, seqs: &[u64]) {

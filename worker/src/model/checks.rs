@@ -32,13 +32,7 @@ pub fn check_input(
     patterns: &[&IndexPattern],
     input: &StageInput,
 ) -> Result<usize> {
-    if patterns.len() != segments.len() {
-        return Err(WorkerError::invalid(
-            "index_pattern",
-            format!("{} patterns for {} segments", patterns.len(), segments.len()),
-        ));
-    }
-    let rows: usize = segments.iter().map(|s| s.len).sum();
+    let rows = check_rows(segments, patterns)?;
     let d = cfg.hidden_size;
     match input {
         StageInput::Tokens(t) if t.len() != rows => Err(WorkerError::invalid(
@@ -51,6 +45,18 @@ pub fn check_input(
         )),
         _ => Ok(rows),
     }
+}
+
+/// Checks that a batch has one pattern per segment; returns its rows (the segments' lengths
+/// summed). The part of [`check_input`] that does not look at the input.
+pub fn check_rows(segments: &[Segment], patterns: &[&IndexPattern]) -> Result<usize> {
+    if patterns.len() != segments.len() {
+        return Err(WorkerError::invalid(
+            "index_pattern",
+            format!("{} patterns for {} segments", patterns.len(), segments.len()),
+        ));
+    }
+    Ok(segments.iter().map(|s| s.len).sum())
 }
 
 /// Checks every segment of a batch for the layer range `range`: non-empty, continuing its

@@ -10,9 +10,10 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use super::data_plane::PeerLink;
 use crate::config::ModelConfig;
 use crate::engine::LogitsVisitor;
-use crate::error::Result;
+use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
 use crate::model::{LayerRange, Model, Segment, StageInput, TopkRows};
 use crate::pattern::IndexPattern;
@@ -61,14 +62,49 @@ pub struct LogitsRequest<'a, 'v> {
     pub visit: &'a mut LogitsVisitor<'v>,
 }
 
+/// Where a micro-batch's input rows come from.
+pub enum BatchInput<'a> {
+    /// Tokens or hidden states on the host (the coordinator's tokens, gRPC's hidden states).
+    Host(StageInput),
+    /// `floats` hidden-state values sent by the previous stage over the NCCL `link`. They
+    /// are received before anything else can fail, so a failed batch never leaves the
+    /// previous stage's send unmatched.
+    Peer {
+        /// Values announced (`rows × hidden_size` when the batch is well-formed).
+        floats: usize,
+        /// The link from the previous stage.
+        link: &'a PeerLink,
+    },
+}
+
+/// Where a micro-batch's output goes.
+pub enum BatchSink<'a, 'v> {
+    /// Hidden states back to the host (for gRPC).
+    Host,
+    /// The last stage: logits rows for the sampler, no hidden states.
+    Logits(LogitsRequest<'a, 'v>),
+    /// Hidden states sent to the next stage over the NCCL link (queued on the device).
+    Peer(&'a PeerLink),
+}
+
 /// What a micro-batch leaves on the host.
 #[derive(Debug, Default)]
 pub struct BatchOutput {
-    /// Hidden states for the next stage, `rows × hidden_size` (empty when logits were asked
-    /// for: the last stage sends no hidden states on).
+    /// Hidden states for the next stage, `rows × hidden_size` (empty when they went to the
+    /// logits or over NCCL).
     pub hidden: Vec<f32>,
     /// Per segment, the top-k rows the next stage needs when it starts on a Shared layer.
     pub relay: Vec<Option<TopkRows>>,
+    /// Hidden-state values sent over NCCL (0 otherwise).
+    pub sent_floats: usize,
+}
+
+/// The error for NCCL asked of a stage that cannot use it.
+pub fn no_nccl(device: StageDevice) -> WorkerError {
+    WorkerError::Device(format!(
+        "this stage computes on {device} and has no NCCL data plane (it needs a GPU and a build with \
+         the `cuda` feature); hidden states travel over gRPC"
+    ))
 }
 
 /// A layer range with its KV cache on some device: everything the stage server needs.
@@ -93,16 +129,35 @@ pub trait StageCompute: Send + Sync {
     fn prepare_pattern(&self, pattern: &IndexPattern) -> Result<Vec<usize>>;
 
     /// Runs a micro-batch through the range, segment `i` under `patterns[i]`, updating the
-    /// segments' cache entries. With `logits` (last stage only) the rows asked for are
-    /// visited and no hidden states come back; without, the hidden states and relay for the
-    /// next stage do.
+    /// segments' cache entries, and delivers the output to `sink`: the host (hidden states
+    /// and relay for the next stage come back), the logits rows of the last stage, or the
+    /// next stage over NCCL (the relay still comes back, for gRPC).
     fn forward(
         &self,
         segments: &[Segment],
         patterns: &[&IndexPattern],
-        input: StageInput,
-        logits: Option<LogitsRequest<'_, '_>>,
+        input: BatchInput<'_>,
+        sink: BatchSink<'_, '_>,
     ) -> Result<BatchOutput>;
+
+    /// A fresh NCCL unique id for a link to the next stage (GPU stages only).
+    fn nccl_unique_id(&self) -> Result<Vec<u8>> {
+        Err(no_nccl(self.device()))
+    }
+
+    /// Receives and discards `floats` values announced over `link`, for a batch that failed
+    /// before its forward (so the previous stage's send is still matched).
+    fn discard_peer_input(&self, floats: usize, link: &PeerLink) -> Result<()> {
+        let _ = (floats, link);
+        Err(no_nccl(self.device()))
+    }
+
+    /// Joins the NCCL communicator `unique_id` as `rank` (0: the sending stage, 1: the
+    /// receiving one) on this range's device; blocks until the other stage joins.
+    fn join_peer(&self, unique_id: &[u8], rank: usize) -> Result<PeerLink> {
+        let _ = (unique_id, rank);
+        Err(no_nccl(self.device()))
+    }
 
     /// Frees the cache entries of `seqs` (unknown sequences are a no-op).
     fn release(&self, seqs: &[u64]);
@@ -182,28 +237,37 @@ impl StageCompute for CpuStage {
         &self,
         segments: &[Segment],
         patterns: &[&IndexPattern],
-        input: StageInput,
-        logits: Option<LogitsRequest<'_, '_>>,
+        input: BatchInput<'_>,
+        sink: BatchSink<'_, '_>,
     ) -> Result<BatchOutput> {
+        let input = match input {
+            BatchInput::Host(i) => i,
+            // A CPU stage never agrees to NCCL, so this is a peer's mistake.
+            BatchInput::Peer { .. } => return Err(no_nccl(self.device())),
+        };
+        if matches!(sink, BatchSink::Peer(_)) {
+            return Err(no_nccl(self.device()));
+        }
         // The cache lock is held for the forward only: logits need the model alone.
         let out = {
             let mut cache = self.cache();
             self.model
                 .forward_with_patterns(&mut cache, segments, patterns, input)?
         };
-        match logits {
-            Some(l) => {
+        match sink {
+            BatchSink::Logits(l) => {
                 let visit = l.visit;
                 self.model
                     .for_each_logits_row(&out.hidden, l.rows, l.chunk, |i, lg, lp| visit(i, lg, lp))?;
                 Ok(BatchOutput {
-                    hidden: Vec::new(),
                     relay: out.relay,
+                    ..BatchOutput::default()
                 })
             }
-            None => Ok(BatchOutput {
+            _ => Ok(BatchOutput {
                 hidden: out.hidden,
                 relay: out.relay,
+                sent_floats: 0,
             }),
         }
     }

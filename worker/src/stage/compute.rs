@@ -3,7 +3,9 @@
 
 use proto::v1::{self as pb, forward_request::Input};
 
-use super::{LogitsRequest, Outbound, StageCompute, StageState};
+use std::sync::{Mutex, MutexGuard};
+
+use super::{BatchInput, BatchSink, LogitsRequest, Outbound, StageCompute, StageState};
 use crate::error::{Result, WorkerError};
 use crate::model::{Segment, StageInput};
 use crate::pattern::IndexPattern;
@@ -34,11 +36,17 @@ pub fn process(state: &StageState, req: pb::ForwardRequest) -> Outbound {
     }
 }
 
-fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
-    // `Reconfigure` swaps ranges only between batches: the whole batch runs on one range.
-    let _batch = state.hold_batches();
-    let compute = state.compute();
-    let compute = &*compute;
+/// A decoded micro-batch.
+struct Batch {
+    segments: Vec<Segment>,
+    /// Per segment, its own pattern (`None`: the stage's start-up one).
+    patterns: Vec<Option<IndexPattern>>,
+    /// Host input rows (`None`: hidden states over NCCL).
+    input: Option<StageInput>,
+}
+
+/// Decodes `req`'s segments, relays, patterns and input.
+fn decode(compute: &dyn StageCompute, req: &mut pb::ForwardRequest) -> Result<Batch> {
     let segments = req
         .segments
         .iter()
@@ -56,11 +64,13 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
         })
         .collect::<Result<Vec<_>>>()?;
     let input = match req.input.take() {
-        Some(Input::Tokens(t)) => StageInput::Tokens(t.ids),
-        Some(Input::Hidden(h)) => StageInput::Hidden(
-            proto::bytes_to_f32s(&h)
-                .ok_or_else(|| WorkerError::invalid("hidden", "length is not a multiple of 4 bytes"))?,
-        ),
+        Some(Input::Tokens(t)) => Some(StageInput::Tokens(t.ids)),
+        Some(Input::Hidden(h)) => {
+            Some(StageInput::Hidden(proto::bytes_to_f32s(&h).ok_or_else(|| {
+                WorkerError::invalid("hidden", "length is not a multiple of 4 bytes")
+            })?))
+        }
+        Some(Input::Nccl(_)) => None,
         None => {
             return Err(WorkerError::invalid(
                 "input",
@@ -70,7 +80,7 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
     };
     // Each segment runs under its sequence's pattern (empty: the stage's start-up one).
     let layers = compute.config().num_hidden_layers;
-    let parsed = req
+    let patterns = req
         .segments
         .iter()
         .map(|s| {
@@ -81,9 +91,58 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    let patterns: Vec<&IndexPattern> = parsed.iter().map(|p| p.as_ref().unwrap_or(compute.pattern())).collect();
+    Ok(Batch {
+        segments,
+        patterns,
+        input,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
+    // `Reconfigure` swaps ranges only between batches: the whole batch runs on one range.
+    let _batch = state.hold_batches();
+    let compute = state.compute();
+    let compute = &*compute;
+    // Hidden states announced over NCCL are received whatever becomes of the batch, so the
+    // previous stage's send is always matched.
+    let inbound = match &req.input {
+        Some(Input::Nccl(p)) => Some((p.hidden_floats as usize, state.links.inbound_link()?)),
+        _ => None,
+    };
+    let inbound = inbound.as_ref().map(|(n, l)| (*n, lock(l)));
+    let batch = match decode(compute, &mut req) {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some((floats, link)) = &inbound {
+                if let Err(d) = compute.discard_peer_input(*floats, link) {
+                    tracing::warn!(error = %d, "could not discard hidden states received over NCCL");
+                }
+            }
+            return Err(e);
+        }
+    };
+    let patterns: Vec<&IndexPattern> = batch
+        .patterns
+        .iter()
+        .map(|p| p.as_ref().unwrap_or(compute.pattern()))
+        .collect();
+    let input = match (batch.input, &inbound) {
+        (Some(i), _) => BatchInput::Host(i),
+        (None, Some((floats, link))) => BatchInput::Peer { floats: *floats, link },
+        (None, None) => unreachable!("an NCCL input has its link"),
+    };
     if !compute.is_last() {
-        let out = compute.forward(&segments, &patterns, input, None)?;
+        let next = state.links.outbound_link();
+        let next = next.as_ref().map(|l| lock(l));
+        let sink = match &next {
+            Some(link) => BatchSink::Peer(link),
+            None => BatchSink::Host,
+        };
+        let out = compute.forward(&batch.segments, &patterns, input, sink)?;
         for (s, r) in req.segments.iter_mut().zip(&out.relay) {
             s.relay = r.as_ref().map(|rows| {
                 let packed = relay::encode(rows, s.start as usize);
@@ -92,10 +151,15 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
                 pb::Relay { packed }
             });
         }
-        req.input = Some(Input::Hidden(proto::f32s_to_bytes(&out.hidden)));
+        req.input = Some(match next {
+            Some(_) => Input::Nccl(pb::NcclPayload {
+                hidden_floats: out.sent_floats as u64,
+            }),
+            None => Input::Hidden(proto::f32s_to_bytes(&out.hidden)),
+        });
         return Ok(Outbound::Next(req));
     }
-    let results = sample_and_score(state, compute, &segments, &patterns, input, &req.segments)?;
+    let results = sample_and_score(state, compute, &batch.segments, &patterns, input, &req.segments)?;
     Ok(Outbound::Report(
         req.report_to,
         pb::TokenReport {
@@ -117,7 +181,7 @@ fn sample_and_score(
     compute: &dyn StageCompute,
     batch: &[Segment],
     patterns: &[&IndexPattern],
-    input: StageInput,
+    input: BatchInput<'_>,
     segments: &[pb::Segment],
 ) -> Result<Vec<pb::SegmentResult>> {
     // (segment, row in batch, Some(target) for a prompt logprob / None to sample)
@@ -169,7 +233,7 @@ fn sample_and_score(
         chunk: state.logits_chunk,
         visit: &mut visit,
     };
-    compute.forward(batch, patterns, input, Some(logits))?;
+    compute.forward(batch, patterns, input, BatchSink::Logits(logits))?;
     Ok(results)
 }
 

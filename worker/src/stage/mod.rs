@@ -10,6 +10,8 @@
 
 mod backend;
 mod compute;
+pub mod data_plane;
+mod links;
 mod observe;
 mod reconfigure;
 mod service;
@@ -22,7 +24,9 @@ use proto::v1::{self as pb, ForwardRequest, TokenReport};
 
 use crate::sampling::Rng;
 
-pub use backend::{BatchOutput, CacheStats, CpuStage, LogitsRequest, StageCompute, StageDevice};
+pub use backend::{
+    no_nccl, BatchInput, BatchOutput, BatchSink, CacheStats, CpuStage, LogitsRequest, StageCompute, StageDevice,
+};
 pub use service::{serve, ServeOptions};
 
 /// Work for the ordered sender.
@@ -59,6 +63,8 @@ pub struct StageState {
     pub logits_chunk: usize,
     /// Recent micro-batch spans, newest last (bounded), for pipelining diagnostics.
     pub spans: Mutex<VecDeque<pb::BatchSpan>>,
+    /// Data-plane links to the neighbouring stages (NCCL when both compute on GPUs).
+    links: links::Links,
 }
 
 /// Spans kept per stage.

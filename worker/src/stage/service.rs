@@ -13,7 +13,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
 use super::observe::ForwardObservation;
-use super::{compute, reconfigure, Outbound, StageCompute, StageHandle, StageState};
+use super::{compute, links, reconfigure, Outbound, StageCompute, StageHandle, StageState};
 use crate::error::Result;
 use crate::telemetry::{self, TraceContext};
 
@@ -81,6 +81,11 @@ impl Stage for StageService {
                 block_size: cache.block_size as u32,
                 model: state.model_name.clone(),
                 active_sequences: cache.sequences as u32,
+                data_plane: state
+                    .links
+                    .outbound_transport()
+                    .map_or(String::new(), |t| t.as_str().to_string()),
+                device: model.device().to_string(),
                 recent_batches: state
                     .spans
                     .lock()
@@ -127,6 +132,19 @@ impl Stage for StageService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map(Response::new)
     }
+
+    async fn open_data_plane(
+        &self,
+        req: Request<pb::DataPlaneOffer>,
+    ) -> std::result::Result<Response<pb::DataPlaneAnswer>, Status> {
+        let state = self.state.clone();
+        let offer = req.into_inner();
+        // Probing for the NCCL library loads it: off the executor.
+        tokio::task::spawn_blocking(move || links::open_inbound(&state, &offer))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
+    }
 }
 
 async fn channel(addr: &str) -> std::result::Result<Channel, tonic::transport::Error> {
@@ -138,21 +156,28 @@ async fn channel(addr: &str) -> std::result::Result<Channel, tonic::transport::E
     Endpoint::from_shared(uri)?.connect().await
 }
 
-/// Ships results in order: one batch's activations never overtake an earlier batch's.
-async fn sender(mut rx: mpsc::UnboundedReceiver<(Outbound, TraceContext)>, next: Option<String>) {
+/// Ships results in order: one batch's activations never overtake an earlier batch's. On
+/// connecting to the next stage it negotiates the data plane (NCCL or gRPC); a failed send
+/// drops the NCCL link (the next connection negotiates afresh).
+async fn sender(mut rx: mpsc::UnboundedReceiver<(Outbound, TraceContext)>, state: StageHandle) {
+    let next = state.next.clone();
     let mut next_client: Option<StageClient<Channel>> = None;
     let mut collectors: HashMap<String, CollectorClient<Channel>> = HashMap::new();
     while let Some((msg, cx)) = rx.recv().await {
         match msg {
             Outbound::Next(req) => {
                 let (batch_id, report_to) = (req.batch_id, req.report_to.clone());
+                let over_nccl = matches!(req.input, Some(pb::forward_request::Input::Nccl(_)));
                 // The next stage's span continues this one's.
                 let req = telemetry::request_with(req, &cx);
                 let sent = match (&mut next_client, &next) {
                     (Some(c), _) => c.forward(req).await.map(|_| ()).map_err(|e| e.to_string()),
+                    // Its hidden states went to an NCCL link that was dropped since.
+                    (None, _) if over_nccl => Err("the NCCL link to the next stage was lost".to_string()),
                     (None, Some(addr)) => match channel(addr).await {
                         Ok(ch) => {
                             let mut c = StageClient::new(ch).max_decoding_message_size(usize::MAX);
+                            links::open_outbound(&state, &mut c).await;
                             let r = c.forward(req).await.map(|_| ()).map_err(|e| e.to_string());
                             next_client = Some(c);
                             r
@@ -163,6 +188,7 @@ async fn sender(mut rx: mpsc::UnboundedReceiver<(Outbound, TraceContext)>, next:
                 };
                 if let Err(e) = sent {
                     next_client = None;
+                    state.links.set_outbound(super::data_plane::Transport::Grpc, None);
                     let report = pb::TokenReport {
                         batch_id,
                         error: format!("next stage unavailable: {e}"),
@@ -213,6 +239,7 @@ pub async fn serve(compute: Box<dyn StageCompute>, opts: ServeOptions) -> Result
         spans: Mutex::new(std::collections::VecDeque::new()),
         compute: std::sync::RwLock::new(Arc::from(compute)),
         batch: Mutex::new(()),
+        links: Default::default(),
         model_dir: opts.model_dir.clone(),
         registration: opts.registration.clone(),
         reconfiguring: Mutex::new(()),
@@ -236,7 +263,7 @@ pub async fn serve(compute: Box<dyn StageCompute>, opts: ServeOptions) -> Result
             path: "stage-compute thread".into(),
             source,
         })?;
-    tokio::spawn(sender(out_rx, opts.next.clone()));
+    tokio::spawn(sender(out_rx, state.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<StageServer<StageService>>().await;

@@ -163,12 +163,27 @@ impl Pipeline {
         }
     }
 
-    /// Sends one micro-batch (one segment) to stage 0 and waits for the last stage's report.
-    fn step(&mut self, seq: u64, start: usize, tokens: Vec<u32>, targets: Vec<u32>) -> pb::SegmentResult {
+    /// Sends `req` (its batch id and `report_to` filled in) to stage `i` and waits for the
+    /// report it leads to.
+    pub fn forward_raw(&mut self, i: usize, mut req: pb::ForwardRequest) -> pb::TokenReport {
         let batch_id = self.next_batch;
         self.next_batch += 1;
+        req.batch_id = batch_id;
+        req.report_to = self.collector.clone();
+        let mut c = self.client(&self.addrs[i].clone());
+        self.rt.block_on(c.forward(req)).expect("the stage takes the batch");
+        let report = self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(300), self.reports.recv()).await })
+            .expect("a report within 300 s")
+            .expect("the collector is running");
+        assert_eq!(report.batch_id, batch_id);
+        report
+    }
+
+    /// Sends one micro-batch (one segment) to stage 0 and waits for the last stage's report.
+    fn step(&mut self, seq: u64, start: usize, tokens: Vec<u32>, targets: Vec<u32>) -> pb::SegmentResult {
         let req = pb::ForwardRequest {
-            batch_id,
             segments: vec![pb::Segment {
                 seq,
                 start: start as u32,
@@ -179,18 +194,15 @@ impl Pipeline {
                 ..Default::default()
             }],
             input: Some(Input::Tokens(pb::TokenIds { ids: tokens })),
-            report_to: self.collector.clone(),
             ..Default::default()
         };
-        let mut c = self.client(&self.addrs[0].clone());
-        self.rt.block_on(c.forward(req)).expect("stage 0 takes the batch");
-        let report = self
-            .rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(300), self.reports.recv()).await })
-            .expect("a report within 300 s")
-            .expect("the collector is running");
-        assert_eq!(report.batch_id, batch_id);
-        assert!(report.error.is_empty(), "batch {batch_id} failed: {}", report.error);
+        let report = self.forward_raw(0, req);
+        assert!(
+            report.error.is_empty(),
+            "batch {} failed: {}",
+            report.batch_id,
+            report.error
+        );
         self.relay_bytes += report.relay_bytes;
         report.results.into_iter().next().expect("one segment result")
     }
@@ -229,6 +241,12 @@ impl Pipeline {
     pub fn info(&self, i: usize) -> pb::StageInfo {
         let mut c = self.client(&self.addrs[i]);
         self.rt.block_on(c.info(pb::InfoRequest {})).unwrap().into_inner()
+    }
+
+    /// `OpenDataPlane` of stage `i` with `offer`.
+    pub fn open_data_plane(&self, i: usize, offer: pb::DataPlaneOffer) -> Result<pb::DataPlaneAnswer, tonic::Status> {
+        let mut c = self.client(&self.addrs[i]);
+        self.rt.block_on(c.open_data_plane(offer)).map(|r| r.into_inner())
     }
 
     /// `Reconfigure` of stage `i`.
