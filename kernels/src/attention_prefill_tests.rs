@@ -207,3 +207,35 @@ fn plan_prices_dense_and_sparse_chunks() {
     let m = MlaKeyPlan::new(&decode).macs(1, d);
     assert!(m.absorbed * 10.0 < m.expanded, "{m:?}");
 }
+
+#[test]
+fn covering_plan_prices_like_selections_that_cover_every_earlier_key() {
+    let d = dims(4, 32, 16, 8, 16);
+    // Dense rows (all from 0, topk above every position), and sparse rows that select
+    // themselves and a window of topk - 1 earlier keys at spread offsets, so the chunk's
+    // union is every key.
+    for (start, rows, topk) in [(0usize, 300usize, 400usize), (200, 256, 128)] {
+        let selected: Vec<Vec<u32>> = (start..start + rows)
+            .map(|t| {
+                let n = (t + 1).min(topk);
+                let o = (t * 37) % (t + 2 - n);
+                let mut s: Vec<u32> = (o as u32..(o + n - 1) as u32).collect();
+                s.push(t as u32);
+                s
+            })
+            .collect();
+        let exact = MlaKeyPlan::new(&selected);
+        let end = (start + rows) as u32;
+        assert_eq!(
+            exact.union,
+            (0..end).collect::<Vec<_>>(),
+            "the case must cover every key"
+        );
+        let covering = MlaKeyPlan::covering(start, rows, topk);
+        assert_eq!(covering.union, exact.union);
+        assert_eq!(covering.block_last, exact.block_last);
+        assert_eq!(covering.selected_total, exact.selected_total);
+        let (a, b) = (exact.macs(rows, d), covering.macs(rows, d));
+        assert_eq!((a.absorbed, a.expanded), (b.absorbed, b.expanded));
+    }
+}

@@ -37,6 +37,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use kernels::{MlaDims, MlaKeyPlan};
 use worker::embedded::{write_synthetic_model, SyntheticSpec};
 use worker::sampling::{argmax, Rng};
 use worker::{Architecture, Model, Segment, StageInput};
@@ -726,9 +727,12 @@ fn run_hf(
 /// Per-phase FLOPs of a prefill of `n` tokens, computed from the shapes (not measured).
 #[derive(Clone, Debug, Default, Serialize)]
 struct FlopModel {
-    /// MLA projections incl. the absorbed W_uk / W_uv products.
+    /// MLA projections (q_a, q_b, kv_a, o).
     attn_proj: f64,
-    /// Sparse attention over the selected keys (absorbed form).
+    /// Attention over the selected keys, per chunk in the form the engine picks
+    /// ([`kernels::MlaMacs::prefers_expanded`]) for a plan whose blocks cover every earlier key
+    /// ([`MlaKeyPlan::covering`]): absorbed (incl. the W_uk / W_uv products) or expanded
+    /// (key expansion through kv_b plus the masked block GEMMs).
     attn_core: f64,
     /// Indexer projections (wq_b, wk, weights_proj).
     indexer_proj: f64,
@@ -741,14 +745,31 @@ struct FlopModel {
 }
 
 impl FlopModel {
-    fn prefill(s: &ShapeArgs, n: usize, full_layers: usize) -> Self {
+    fn prefill(s: &ShapeArgs, n: usize, chunk: usize, full_layers: usize) -> Self {
         let f = |x: usize| x as f64;
         let (d, h, r, dn, dr, dv) = (s.hidden, s.heads, s.kv_lora_rank, s.nope_dim, s.rope_dim, s.v_dim);
-        let per_tok_proj =
-            2 * (d * s.q_lora_rank + s.q_lora_rank * h * (dn + dr) + d * (r + dr) + h * dv * d + h * (dn * r + r * dv));
+        let per_tok_proj = 2 * (d * s.q_lora_rank + s.q_lora_rank * h * (dn + dr) + d * (r + dr) + h * dv * d);
+        let dims = MlaDims {
+            heads: h,
+            kv_rank: r,
+            nope_dim: dn,
+            rope_dim: dr,
+            v_dim: dv,
+        };
+        let attn_macs: f64 = (0..n)
+            .step_by(chunk.max(1))
+            .map(|start| {
+                let rows = chunk.max(1).min(n - start);
+                let m = MlaKeyPlan::covering(start, rows, s.index_topk).macs(rows, dims);
+                if m.prefers_expanded() {
+                    m.expanded
+                } else {
+                    m.absorbed
+                }
+            })
+            .sum();
         let per_tok_ix = 2 * (s.q_lora_rank * s.index_heads * s.index_dim + d * s.index_dim + d * s.index_heads);
-        // Σ_t min(t + 1, topk) keys attended; Σ_{t ≥ topk} (t + 1) keys scored.
-        let attended: f64 = (0..n).map(|t| f((t + 1).min(s.index_topk))).sum();
+        // Σ_{t ≥ topk} (t + 1) keys scored.
         let scored: f64 = (s.index_topk.min(n)..n).map(|t| f(t + 1)).sum::<f64>() + 0.0;
         let moe_layers = s.layers.saturating_sub(s.first_k_dense);
         let dense_layers = s.layers - moe_layers;
@@ -757,7 +778,7 @@ impl FlopModel {
             f(moe_layers) * f(n) * f(6 * d * s.moe_intermediate * (s.experts_per_tok + 1) + 2 * d * s.experts);
         FlopModel {
             attn_proj: f(s.layers) * f(n) * f(per_tok_proj),
-            attn_core: f(s.layers) * attended * f(h * (2 * (r + dr) + 2 * r)),
+            attn_core: f(s.layers) * 2.0 * attn_macs,
             indexer_proj: f(full_layers) * f(n) * f(per_tok_ix),
             indexer_score: f(full_layers) * scored * f(2 * s.index_heads * s.index_dim),
             mlp: mlp_dense + mlp_moe,
@@ -1273,6 +1294,10 @@ fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), Child
 fn print_flops(r: &RunArgs, patterns: &[PatternChoice], results: &BTreeMap<(usize, usize), ChildResult>) {
     println!("\n### Prefill work by phase (GFLOP computed from the shapes, not measured) and achieved rate\n");
     println!(
+        "attn core: per chunk, the form the engine picks (expanded or absorbed), assuming each 128-row block's \
+         selections cover every earlier key (measured for this model at 4K).\n"
+    );
+    println!(
         "| context | pattern | attn proj | attn core | indexer proj | indexer score | MLP | total | indexer GFLOP/s | \
          rest GFLOP/s |"
     );
@@ -1282,7 +1307,7 @@ fn print_flops(r: &RunArgs, patterns: &[PatternChoice], results: &BTreeMap<(usiz
             .override_pattern
             .as_ref()
             .map_or(r.shape.layers, |p| p.chars().filter(|&ch| ch == 'F').count());
-        let m = FlopModel::prefill(&r.shape, c, full);
+        let m = FlopModel::prefill(&r.shape, c, r.chunk, full);
         let g = 1e-9;
         let ix = m.indexer_proj + m.indexer_score;
         let rest_s = x.prefill_seconds - x.prefill_indexer_seconds;

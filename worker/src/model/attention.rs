@@ -170,11 +170,6 @@ enum MlaForm {
     Expanded,
 }
 
-/// Expanded multiply-adds run this much cheaper than absorbed ones: the expanded form is
-/// block GEMMs, the absorbed one per-row dot products (`kernel-bench prefill` measured 1.4×
-/// to 1.7× more multiply-adds per second on near-dense chunks).
-const EXPANDED_MAC_COST: f64 = 0.65;
-
 impl MlaForm {
     /// `INDEXRELAY_MLA_FORM=auto|absorbed|expanded` pins the form (tests run both through
     /// the same fixtures); anything else is `auto`.
@@ -192,10 +187,7 @@ impl MlaForm {
         match self {
             MlaForm::Absorbed => false,
             MlaForm::Expanded => true,
-            MlaForm::Auto => {
-                let m = plan.macs(rows, dims);
-                m.expanded * EXPANDED_MAC_COST < m.absorbed
-            }
+            MlaForm::Auto => plan.macs(rows, dims).prefers_expanded(),
         }
     }
 }
