@@ -243,21 +243,12 @@ impl GpuModel {
     /// weights) and uploads the indexers it needs; returns the layers uploaded by this call
     /// (the twin of `Model::prepare_pattern`).
     pub fn prepare_pattern(&self, pattern: &IndexPattern) -> Result<Vec<usize>> {
-        if pattern.len() != self.cfg.num_hidden_layers {
-            return Err(WorkerError::Pattern(format!(
-                "has {} entries but the model has num_hidden_layers = {}",
-                pattern.len(),
-                self.cfg.num_hidden_layers
-            )));
-        }
-        let mut loaded = Vec::new();
-        for layer in self.range.start..self.range.end {
-            if pattern.is_full(layer) && self.indexers[layer - self.range.start].get().is_none() {
-                self.indexer(layer)?;
-                loaded.push(layer);
+        crate::model::prepare_indexers(&self.cfg, self.range, pattern, |layer| {
+            if self.indexers[layer - self.range.start].get().is_some() {
+                return Ok(false);
             }
-        }
-        Ok(loaded)
+            self.indexer(layer).map(|_| true)
+        })
     }
 
     /// Runs the range over a batch of segments under the start-up pattern.

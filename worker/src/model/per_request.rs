@@ -25,6 +25,31 @@ pub(crate) fn load_indexer(dir: &Path, cfg: &ModelConfig, layer: usize) -> Resul
     IndexerWeights::load(&Loader { ckpt: &ckpt, cfg }, &prefix)
 }
 
+/// Checks that `pattern` fits the model and has `ensure(layer)` load the indexer of every
+/// layer of `range` it makes Full (`ensure` returns whether this call loaded it); returns
+/// the layers loaded. Shared by the CPU and GPU models' `prepare_pattern`.
+pub(crate) fn prepare_indexers(
+    cfg: &ModelConfig,
+    range: super::LayerRange,
+    pattern: &IndexPattern,
+    mut ensure: impl FnMut(usize) -> Result<bool>,
+) -> Result<Vec<usize>> {
+    if pattern.len() != cfg.num_hidden_layers {
+        return Err(WorkerError::Pattern(format!(
+            "has {} entries but the model has num_hidden_layers = {}",
+            pattern.len(),
+            cfg.num_hidden_layers
+        )));
+    }
+    let mut loaded = Vec::new();
+    for layer in range.start..range.end {
+        if pattern.is_full(layer) && ensure(layer)? {
+            loaded.push(layer);
+        }
+    }
+    Ok(loaded)
+}
+
 impl Model {
     /// The indexer of global layer `layer` (in this range), loading it from the checkpoint on
     /// first use; an error names the layer when the checkpoint has none.
@@ -46,21 +71,12 @@ impl Model {
     /// Checks that this range can run `pattern` (every layer it makes Full has indexer
     /// weights) and loads the indexers it needs; returns the layers loaded by this call.
     pub fn prepare_pattern(&self, pattern: &IndexPattern) -> Result<Vec<usize>> {
-        if pattern.len() != self.cfg.num_hidden_layers {
-            return Err(WorkerError::Pattern(format!(
-                "has {} entries but the model has num_hidden_layers = {}",
-                pattern.len(),
-                self.cfg.num_hidden_layers
-            )));
-        }
-        let mut loaded = Vec::new();
-        for layer in self.range.start..self.range.end {
-            if pattern.is_full(layer) && self.indexers[layer - self.range.start].get().is_none() {
-                self.indexer(layer)?;
-                loaded.push(layer);
+        prepare_indexers(&self.cfg, self.range, pattern, |layer| {
+            if self.indexers[layer - self.range.start].get().is_some() {
+                return Ok(false);
             }
-        }
-        Ok(loaded)
+            self.indexer(layer).map(|_| true)
+        })
     }
 }
 
