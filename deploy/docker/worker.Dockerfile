@@ -10,15 +10,15 @@
 # Any Rust >= 1.88 (tonic 0.14's minimum); pin a version for reproducible images.
 ARG RUST_IMAGE=rust:1-bookworm
 # Match the CUDA major version to the cudarc CUDA-version feature in kernels/Cargo.toml
-# (cudarc looks for the library file names of that version); the 580 driver of the
-# project's GPU machines runs CUDA 12 and 13 user-space libraries alike.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# (`cuda-13000`: cudarc looks for the CUDA 13 library file names first); the 580 driver of
+# the project's GPU machines runs CUDA 13 user-space libraries.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 FROM ${RUST_IMAGE} AS build
-# Cargo features for the worker build, e.g. "kernels/cuda" for the CUDA kernels (the kernels
-# crate's `cuda` feature; cudarc loads the CUDA libraries at run time, so no CUDA toolkit is
-# needed to build).
-ARG WORKER_FEATURES=""
+# Cargo features for the worker build: `cuda` is the GPU engine and stage server (cudarc
+# loads the CUDA libraries at run time, so no CUDA toolkit is needed to build); "" builds a
+# CPU-only binary.
+ARG WORKER_FEATURES="cuda"
 RUN apt-get update \
  && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -34,9 +34,14 @@ FROM ${CUDA_IMAGE}
 # tini as PID 1: `worker serve` stops on SIGINT only, and a PID 1 without a SIGTERM
 # handler would ignore Kubernetes' SIGTERM until the grace period ends; under tini the
 # worker gets SIGTERM's default action and exits at once.
+# NCCL for the GPU-to-GPU data plane between stages (from the CUDA apt repository the base
+# image configures). cudarc opens `libnccl.so`, which only NCCL's development package
+# provides, so link the runtime library under that name.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends tini ca-certificates libnccl2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && so2=$(ldconfig -p | awk '/libnccl\.so\.2 /{print $NF; exit}') \
+ && if [ -n "$so2" ] && [ ! -e "$(dirname "$so2")/libnccl.so" ]; then ln -s "$so2" "$(dirname "$so2")/libnccl.so"; fi
 COPY --from=build /out/worker /usr/local/bin/worker
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

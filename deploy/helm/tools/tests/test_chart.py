@@ -144,6 +144,8 @@ def test_one_coordinator_and_one_worker_statefulset_per_pipeline(case):
         assert w["--model-name"] == c["--served-model-name"] == v["model"]["servedName"]
         assert w.get("--index-pattern") == c.get("--index-pattern") == (v["model"]["indexPattern"] or None)
         assert w["--kv-blocks"] == str(int(v["workers"]["kvBlocks"]))
+        assert w["--device"] == v["workers"]["device"]
+        assert float(w["--gpu-memory-fraction"]) == float(v["workers"]["gpuMemoryFraction"])
         if v["pipeline"]["split"]:
             assert c["--split"] == ",".join(str(int(x)) for x in v["pipeline"]["split"])
         if v["model"]["source"] == "embedded":
@@ -331,6 +333,9 @@ BAD_VALUES = [
     ("port out of range", "workers: {port: 70000}", "workers.port"),
     ("zero KV blocks", "workers: {kvBlocks: 0}", "workers.kvBlocks"),
     ("negative GPUs", "workers: {gpu: {count: -1}}", "workers.gpu.count"),
+    ("unknown device", "workers: {device: gpu0}", "workers.device"),
+    ("GPU memory fraction above 1", "workers: {gpuMemoryFraction: 1.5}", "workers.gpuMemoryFraction"),
+    ("GPU memory fraction of 0", "workers: {gpuMemoryFraction: 0}", "workers.gpuMemoryFraction"),
     ("probe that never fails", "workers: {probes: {startup: {failureThreshold: 0}}}", "workers.probes.startup.failureThreshold"),
     ("admin token given twice", "coordinator: {admin: {existingSecret: s, token: t}}", "coordinator.admin"),
     ("bad OTLP endpoint", "tracing: {otlpEndpoint: collector:4317}", "tracing.otlpEndpoint"),
