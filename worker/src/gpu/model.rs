@@ -222,21 +222,20 @@ impl GpuModel {
 
     /// The indexer of global layer `layer`, uploaded from the checkpoint on first use.
     fn indexer(&self, layer: usize) -> Result<Arc<DevIndexer>> {
-        let cell = &self.indexers[layer - self.range.start];
-        if let Some(ix) = cell.get() {
-            return Ok(ix.clone());
-        }
-        let host = crate::model::load_indexer(&self.dir, &self.cfg, layer)?;
-        let ix = Arc::new(DevIndexer::from_host(&self.k, &host, self.dtype)?);
-        tracing::info!(
-            layer,
-            "uploaded indexer weights for a pattern that makes this layer Full"
-        );
-        let _ = cell.set(ix);
-        Ok(cell
-            .get()
-            .cloned()
-            .unwrap_or_else(|| unreachable!("the cell was just set")))
+        self.indexer_loaded(layer).map(|(ix, _)| ix)
+    }
+
+    /// [`GpuModel::indexer`], and whether this call uploaded it.
+    fn indexer_loaded(&self, layer: usize) -> Result<(Arc<DevIndexer>, bool)> {
+        crate::model::get_or_load(&self.indexers[layer - self.range.start], || {
+            let host = crate::model::load_indexer(&self.dir, &self.cfg, layer)?;
+            let ix = DevIndexer::from_host(&self.k, &host, self.dtype)?;
+            tracing::info!(
+                layer,
+                "uploaded indexer weights for a pattern that makes this layer Full"
+            );
+            Ok(ix)
+        })
     }
 
     /// Checks that this range can run `pattern` (every layer it makes Full has indexer
@@ -244,10 +243,7 @@ impl GpuModel {
     /// (the twin of `Model::prepare_pattern`).
     pub fn prepare_pattern(&self, pattern: &IndexPattern) -> Result<Vec<usize>> {
         crate::model::prepare_indexers(&self.cfg, self.range, pattern, |layer| {
-            if self.indexers[layer - self.range.start].get().is_some() {
-                return Ok(false);
-            }
-            self.indexer(layer).map(|_| true)
+            self.indexer_loaded(layer).map(|(_, loaded)| loaded)
         })
     }
 

@@ -12,7 +12,7 @@ pub mod weights;
 
 pub use checks::{check_input, check_relay, check_rows, check_segments, CacheLengths};
 #[cfg(feature = "cuda")]
-pub(crate) use per_request::{load_indexer, prepare_indexers};
+pub(crate) use per_request::{get_or_load, load_indexer, prepare_indexers};
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

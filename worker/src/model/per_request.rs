@@ -3,7 +3,7 @@
 //! and those that use it as Shared.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::weights::{IndexerWeights, Loader};
 use super::{Model, Segment, TopkRows};
@@ -23,6 +23,21 @@ pub(crate) fn load_indexer(dir: &Path, cfg: &ModelConfig, layer: usize) -> Resul
         )));
     }
     IndexerWeights::load(&Loader { ckpt: &ckpt, cfg }, &prefix)
+}
+
+/// The value in `cell`, made by `load` on first use, and whether this call made it. Two
+/// threads may both load; the first value stored wins and both return it. The CPU and GPU
+/// models keep their lazily loaded indexers this way.
+pub(crate) fn get_or_load<T>(cell: &OnceLock<Arc<T>>, load: impl FnOnce() -> Result<T>) -> Result<(Arc<T>, bool)> {
+    if let Some(v) = cell.get() {
+        return Ok((v.clone(), false));
+    }
+    let _ = cell.set(Arc::new(load()?));
+    let v = cell
+        .get()
+        .cloned()
+        .unwrap_or_else(|| unreachable!("the cell was just set"));
+    Ok((v, true))
 }
 
 /// Checks that `pattern` fits the model and has `ensure(layer)` load the indexer of every
@@ -54,28 +69,23 @@ impl Model {
     /// The indexer of global layer `layer` (in this range), loading it from the checkpoint on
     /// first use; an error names the layer when the checkpoint has none.
     pub(super) fn indexer(&self, layer: usize) -> Result<Arc<IndexerWeights>> {
-        let cell = &self.indexers[layer - self.range.start];
-        if let Some(ix) = cell.get() {
-            return Ok(ix.clone());
-        }
-        let ix = Arc::new(load_indexer(&self.dir, &self.cfg, layer)?);
-        tracing::info!(layer, "loaded indexer weights for a pattern that makes this layer Full");
-        // Another thread may have loaded it meanwhile: keep whichever landed first.
-        let _ = cell.set(ix);
-        Ok(cell
-            .get()
-            .cloned()
-            .unwrap_or_else(|| unreachable!("the cell was just set")))
+        self.indexer_loaded(layer).map(|(ix, _)| ix)
+    }
+
+    /// [`Model::indexer`], and whether this call loaded it.
+    fn indexer_loaded(&self, layer: usize) -> Result<(Arc<IndexerWeights>, bool)> {
+        get_or_load(&self.indexers[layer - self.range.start], || {
+            let ix = load_indexer(&self.dir, &self.cfg, layer)?;
+            tracing::info!(layer, "loaded indexer weights for a pattern that makes this layer Full");
+            Ok(ix)
+        })
     }
 
     /// Checks that this range can run `pattern` (every layer it makes Full has indexer
     /// weights) and loads the indexers it needs; returns the layers loaded by this call.
     pub fn prepare_pattern(&self, pattern: &IndexPattern) -> Result<Vec<usize>> {
         prepare_indexers(&self.cfg, self.range, pattern, |layer| {
-            if self.indexers[layer - self.range.start].get().is_some() {
-                return Ok(false);
-            }
-            self.indexer(layer).map(|_| true)
+            self.indexer_loaded(layer).map(|(_, loaded)| loaded)
         })
     }
 }
