@@ -70,6 +70,29 @@ fn admin_client(addr: &str) -> pb::admin_client::AdminClient<tonic::transport::C
     pb::admin_client::AdminClient::new(ch)
 }
 
+/// Starts a long greedy request; returns once its first token is out, with a handle giving
+/// its tokens and when it ended.
+async fn start_long(c: &Cluster, prompt: Vec<u32>, n: usize) -> tokio::task::JoinHandle<(Vec<u32>, Instant)> {
+    let client = c.client();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut stream = client
+            .clone()
+            .generate(cluster::request(prompt, n, greedy(), false))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut tokens = stream.message().await.unwrap().unwrap().token_ids;
+        let _ = started_tx.send(());
+        while let Some(msg) = stream.message().await.unwrap() {
+            tokens.extend(msg.token_ids);
+        }
+        (tokens, Instant::now())
+    });
+    started_rx.await.unwrap();
+    task
+}
+
 fn engine_with(dir: &Path, pattern: Option<&str>) -> Engine {
     Engine::new(Model::load(dir, pattern).unwrap(), EngineOptions::default()).unwrap()
 }
@@ -222,24 +245,8 @@ async fn pattern_set_changes_new_requests_only_and_equals_the_engine() {
     let before = c.generate(probe.clone(), 8, greedy(), true).await.unwrap();
     assert_same("probe before the change", &before, &probe_old);
 
-    let client = c.client();
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let long_task = tokio::spawn(async move {
-        let mut stream = client
-            .clone()
-            .generate(cluster::request(long, 420, greedy(), false))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut tokens = stream.message().await.unwrap().unwrap().token_ids;
-        let _ = started_tx.send(());
-        while let Some(msg) = stream.message().await.unwrap() {
-            tokens.extend(msg.token_ids);
-        }
-        (tokens, Instant::now())
-    });
     // Set the pattern while the long sequence decodes (its first token is out).
-    started_rx.await.unwrap();
+    let long_task = start_long(&c, long, 420).await;
     let p = admin_client(&c.addr)
         .set_pattern(pb::SetPatternRequest {
             pattern: new_pattern.into(),

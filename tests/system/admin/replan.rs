@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::super::cluster::{self, fixture, prompt_cases, Cluster};
 use super::super::{assert_same, greedy};
-use super::{admin_client, engine_with, irctl_async, ok_json, run_one};
+use super::{admin_client, engine_with, irctl_async, ok_json, run_one, start_long};
 
 /// The (start, end) pairs of a JSON plan or worker list.
 fn ranges(v: &Value) -> Vec<(u64, u64)> {
@@ -34,29 +34,6 @@ fn stage_client(addr: &str) -> StageClient<tonic::transport::Channel> {
 async fn stage_range(addr: &str) -> (u32, u32) {
     let info = stage_client(addr).info(pb::InfoRequest {}).await.unwrap().into_inner();
     (info.layer_start, info.layer_end)
-}
-
-/// Starts a long greedy request; returns once its first token is out, with a handle giving
-/// its tokens and when it ended.
-async fn start_long(c: &Cluster, prompt: Vec<u32>, n: usize) -> tokio::task::JoinHandle<(Vec<u32>, Instant)> {
-    let client = c.client();
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let mut stream = client
-            .clone()
-            .generate(cluster::request(prompt, n, greedy(), false))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut tokens = stream.message().await.unwrap().unwrap().token_ids;
-        let _ = started_tx.send(());
-        while let Some(msg) = stream.message().await.unwrap() {
-            tokens.extend(msg.token_ids);
-        }
-        (tokens, Instant::now())
-    });
-    started_rx.await.unwrap();
-    task
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
