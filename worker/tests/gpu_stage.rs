@@ -5,8 +5,8 @@
 //! engine's greedy tokens, with logprobs within BF16 tolerance (two stages on one GPU stay on
 //! the gRPC data plane: NCCL needs one GPU per rank); a `Reconfigure` that moves the boundary
 //! on the GPU keeps giving them. On a host with two GPUs and NCCL, stages on different GPUs
-//! move hidden states over NCCL and give the same tokens (gpu-check.sh runs that test only
-//! there).
+//! move hidden states and relayed top-k rows over NCCL and give the same tokens (gpu-check.sh
+//! runs that test only there).
 
 mod support;
 
@@ -119,8 +119,13 @@ fn stage_servers_on_two_gpus_move_hidden_states_over_nccl() {
     let dir = fixture("dsv32_pattern");
     let prompt = first_prompt("dsv32_pattern");
     let want = engine_greedy(&dir, &prompt, 6);
+    let topk = ModelConfig::from_dir(&dir).unwrap().index_topk;
+    // Over NCCL a relayed segment goes uncompressed, `rows × (ld + 1) × 4` bytes with ld =
+    // index_topk when it comes from an indexer, and the counters add exactly that; over gRPC
+    // the compressed rows of this short prompt are far smaller.
+    let nccl_relay_bytes = |hops: usize| (hops * (prompt.len() + 5) * (topk + 1) * 4) as u64;
     // Three stages: cuda:0 -> cuda:1 -> cuda:0, so both hops cross GPUs; FSSFSS makes layers
-    // 2 and 4 Shared, so both hops also relay top-k rows (over gRPC).
+    // 2 and 4 Shared, so both hops also relay top-k rows.
     let mut p = Pipeline::start(&dir, gpu_stages_on(&dir, &[2, 4], &[0, 1, 0]));
     // The first batch goes over gRPC while the link opens; the rest over NCCL.
     let got = p.greedy(1, &prompt, 6);
@@ -128,9 +133,33 @@ fn stage_servers_on_two_gpus_move_hidden_states_over_nccl() {
     for i in 0..2 {
         assert_eq!(p.info(i).data_plane, "nccl", "stage {i} sends over NCCL");
     }
-    // A second sequence runs entirely over the open links.
+    // A second sequence runs entirely over the open links, its relays too (each of its 6
+    // batches relays its rows on both hops).
+    let before = p.relay_bytes;
     let again = p.greedy(2, &prompt, 6);
     close("second sequence over NCCL", &again, &want);
+    assert_eq!(p.relay_bytes - before, nccl_relay_bytes(2), "both hops relay over NCCL");
+    p.release(1);
+    p.release(2);
+    drop(p);
+
+    // Four stages [0,1) [1,2) [2,3) [3,6) alternating GPUs: layers 1 and 2 are Shared, so
+    // stage 1 passes on over NCCL the relay it received over NCCL (no indexer of its own),
+    // and stage 3 starts on a Full layer (no relay into it).
+    let mut p = Pipeline::start(&dir, gpu_stages_on(&dir, &[1, 2, 3], &[0, 1, 0, 1]));
+    let got = p.greedy(1, &prompt, 6);
+    close("four stages over NCCL", &got, &want);
+    for i in 0..3 {
+        assert_eq!(p.info(i).data_plane, "nccl", "stage {i} sends over NCCL");
+    }
+    let before = p.relay_bytes;
+    let again = p.greedy(2, &prompt, 6);
+    close("relay passed on over NCCL", &again, &want);
+    assert_eq!(
+        p.relay_bytes - before,
+        nccl_relay_bytes(2),
+        "two of three hops relay over NCCL"
+    );
     p.release(1);
     p.release(2);
 }

@@ -107,6 +107,7 @@ fn data_plane_offers_are_answered_or_refused_naming_the_field() {
             }],
             input: Some(pb::forward_request::Input::Nccl(pb::NcclPayload {
                 hidden_floats: 4096,
+                ..Default::default()
             })),
             ..Default::default()
         },

@@ -68,6 +68,7 @@ pub struct NcclPeer {
     rank: usize,
     sent: Mutex<VecDeque<CudaSlice<f32>>>,
     sent_u32: Mutex<VecDeque<CudaSlice<u32>>>,
+    sent_i32: Mutex<VecDeque<CudaSlice<i32>>>,
 }
 
 // SAFETY: the communicator is a handle NCCL lets any thread use, one call at a time; every
@@ -109,6 +110,7 @@ impl NcclPeer {
                 rank,
                 sent: Mutex::new(VecDeque::new()),
                 sent_u32: Mutex::new(VecDeque::new()),
+                sent_i32: Mutex::new(VecDeque::new()),
             })
         })
     }
@@ -130,6 +132,12 @@ impl NcclPeer {
     /// Queues sending `buf` (indices) to the other rank.
     pub fn send_u32(&self, buf: CudaSlice<u32>) -> Result<()> {
         send_kept(&self.comm, self.peer(), buf, &self.sent_u32)
+    }
+
+    /// Queues sending `buf` (counts) to the other rank; the receiver receives it as `i32`
+    /// (NCCL matches a send and its receive by element count and type).
+    pub fn send_i32(&self, buf: CudaSlice<i32>) -> Result<()> {
+        send_kept(&self.comm, self.peer(), buf, &self.sent_i32)
     }
 
     /// Queues receiving `buf.len()` values from the other rank into `buf` (device work that

@@ -51,6 +51,26 @@ impl DevTopk {
         })
     }
 
+    /// Rows received from the previous stage for a segment starting at position `start`:
+    /// `sel` holds `rows × ld` positions, `lens` the `rows` counts (its shape checked by the
+    /// stage, its contents trusted: they come from that stage's indexer).
+    pub fn received(sel: CudaSlice<u32>, lens: CudaSlice<i32>, ld: usize, start: usize) -> Self {
+        let rows = lens.len();
+        DevTopk {
+            sel,
+            lens,
+            ld,
+            // Row r selects at most min(ld, start + r + 1) positions.
+            max_len: ld.min(start + rows),
+            rows,
+        }
+    }
+
+    /// The positions (`rows × ld`), the counts (`rows`), and `ld`: what a stage sends on.
+    pub fn into_parts(self) -> (CudaSlice<u32>, CudaSlice<i32>, usize) {
+        (self.sel, self.lens, self.ld)
+    }
+
     /// The host rows (what a stage relays on).
     pub fn download(&self, k: &GpuKernels) -> Result<TopkRows> {
         let sel = dev(k.download(&self.sel))?;

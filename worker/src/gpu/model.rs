@@ -36,12 +36,14 @@ pub enum GpuWeightDtype {
     F32,
 }
 
-/// What leaves a stage on the GPU: hidden states stay on the device.
-pub struct DeviceStageOutput {
+/// What leaves a stage on the GPU: hidden states stay on the device; the relay comes back to
+/// the host (`TopkRows`) or stays on the device (`DevTopk`, for a stage that sends it over
+/// NCCL).
+pub struct DeviceStageOutput<R = TopkRows> {
     /// Hidden states after the last layer of the range, `rows × d`, on the device.
     pub hidden: CudaSlice<f32>,
     /// Per segment, the top-k rows the next layer needs when it is Shared (else `None`).
-    pub relay: Vec<Option<TopkRows>>,
+    pub relay: Vec<Option<R>>,
     /// Full layers run in this pass.
     pub full_layers_run: usize,
     /// Shared layers run in this pass.
@@ -267,23 +269,37 @@ impl GpuModel {
         patterns: &[&IndexPattern],
         input: StageInput,
     ) -> Result<DeviceStageOutput> {
+        let out = self.forward_host(cache, segments, patterns, input)?;
+        self.relay_to_host(out)
+    }
+
+    /// [`GpuModel::forward_with_patterns`] with the relay left on the device.
+    pub(super) fn forward_host(
+        &self,
+        cache: &mut DeviceKvCache,
+        segments: &[Segment],
+        patterns: &[&IndexPattern],
+        input: StageInput,
+    ) -> Result<DeviceStageOutput<DevTopk>> {
         let rows = crate::model::check_input(&self.cfg, segments, patterns, &input)?;
         let hidden = match input {
             StageInput::Tokens(t) => self.embed_tokens(&t)?,
             StageInput::Hidden(h) => dev(self.k.upload(&h))?,
         };
-        self.run_layers(cache, segments, patterns, rows, hidden)
+        self.run_layers(cache, segments, patterns, rows, hidden, Vec::new())
     }
 
-    /// [`GpuModel::forward_with_patterns`] with the input hidden states already on the
-    /// device (received from the previous stage over NCCL), `rows × hidden_size` values.
-    pub fn forward_device_hidden(
+    /// [`GpuModel::forward_host`] with the input already on the device (received from the
+    /// previous stage over NCCL): `rows × hidden_size` hidden-state values and, per segment,
+    /// the relay that came with them (`None`: the segment's host relay, if any, is used).
+    pub(super) fn forward_received(
         &self,
         cache: &mut DeviceKvCache,
         segments: &[Segment],
         patterns: &[&IndexPattern],
         hidden: CudaSlice<f32>,
-    ) -> Result<DeviceStageOutput> {
+        relays: Vec<Option<DevTopk>>,
+    ) -> Result<DeviceStageOutput<DevTopk>> {
         let rows = crate::model::check_rows(segments, patterns)?;
         let d = self.cfg.hidden_size;
         if hidden.len() != rows * d {
@@ -292,10 +308,26 @@ impl GpuModel {
                 format!("{} values for {rows} rows × hidden_size {d}", hidden.len()),
             ));
         }
-        self.run_layers(cache, segments, patterns, rows, hidden)
+        self.run_layers(cache, segments, patterns, rows, hidden, relays)
     }
 
-    /// The layers of the range over `rows` input rows `hidden` (checked against the batch).
+    /// Brings an output's relay to the host.
+    pub(super) fn relay_to_host(&self, out: DeviceStageOutput<DevTopk>) -> Result<DeviceStageOutput> {
+        let relay = out
+            .relay
+            .into_iter()
+            .map(|t| t.map(|t| t.download(&self.k)).transpose())
+            .collect::<Result<_>>()?;
+        Ok(DeviceStageOutput {
+            hidden: out.hidden,
+            relay,
+            full_layers_run: out.full_layers_run,
+            shared_layers_run: out.shared_layers_run,
+        })
+    }
+
+    /// The layers of the range over `rows` input rows `hidden` (checked against the batch),
+    /// with `received[i]` (when given) segment `i`'s relay already on the device.
     fn run_layers(
         &self,
         cache: &mut DeviceKvCache,
@@ -303,9 +335,11 @@ impl GpuModel {
         patterns: &[&IndexPattern],
         rows: usize,
         mut hidden: CudaSlice<f32>,
-    ) -> Result<DeviceStageOutput> {
+        received: Vec<Option<DevTopk>>,
+    ) -> Result<DeviceStageOutput<DevTopk>> {
         let d = self.cfg.hidden_size;
-        crate::model::check_segments(&self.cfg, self.range, cache, segments, patterns)?;
+        let on_device: Vec<bool> = received.iter().map(Option::is_some).collect();
+        crate::model::check_segments_relayed(&self.cfg, self.range, cache, segments, patterns, &on_device)?;
         let layer_indexers = (self.range.start..self.range.end)
             .map(|layer| {
                 if patterns.iter().any(|p| p.is_full(layer)) {
@@ -330,9 +364,13 @@ impl GpuModel {
             cache.grow(s.seq, s.start + s.len)?;
         }
         let batch = attention::BatchPlan::new(self, cache, segments)?;
+        let mut received = received.into_iter();
         let mut topk: Vec<Option<DevTopk>> = segments
             .iter()
-            .map(|s| s.relay.as_ref().map(|r| DevTopk::upload(&self.k, r)).transpose())
+            .map(|s| match received.next().flatten() {
+                Some(t) => Ok(Some(t)),
+                None => s.relay.as_ref().map(|r| DevTopk::upload(&self.k, r)).transpose(),
+            })
             .collect::<Result<_>>()?;
         let (mut full, mut shared) = (0, 0);
         let mut x = dev(self.k.zeros::<f32>(rows * d))?;
@@ -372,12 +410,9 @@ impl GpuModel {
             .zip(patterns)
             .map(|(t, p)| {
                 let next_shared = self.range.end < n_layers && p.kind(self.range.end) == LayerKind::Shared;
-                match (t, next_shared) {
-                    (Some(t), true) => t.download(&self.k).map(Some),
-                    _ => Ok(None),
-                }
+                t.filter(|_| next_shared)
             })
-            .collect::<Result<_>>()?;
+            .collect();
         Ok(DeviceStageOutput {
             hidden,
             relay,

@@ -1,16 +1,18 @@
 //! [`GpuStage`]: the stage server's [`StageCompute`] on a CUDA device, the device model of one
 //! layer range with its device KV cache.
 //!
-//! Input rows arrive on the host (tokens, or hidden states from the previous stage over gRPC)
-//! and are uploaded, or arrive on the device over the NCCL data plane; a middle stage
-//! downloads its output hidden states for gRPC or sends them over NCCL (the relay comes back
-//! to the host either way: it travels compressed in the request); the last stage keeps its
-//! hidden states on the device and brings back only the logits rows the sampler needs, as
-//! [`super::GpuBackend`] does for the engine.
+//! Input rows arrive on the host (tokens, or hidden states and the compressed relay from the
+//! previous stage over gRPC) and are uploaded, or arrive on the device over the NCCL data
+//! plane, the relayed top-k rows with them; a middle stage downloads its output hidden states
+//! and relay for gRPC (the relay travels compressed in the request) or sends both over NCCL,
+//! device to device (the request then carries only their shapes, see
+//! `crate::stage::PeerInput`); the last stage keeps its hidden states on the device and brings
+//! back only the logits rows the sampler needs, as [`super::GpuBackend`] does for the engine.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use super::attention::DevTopk;
 use super::backend::{cache_blocks_for, GpuEngineOptions};
 use super::cache::DeviceKvCache;
 use super::model::{dev, GpuModel};
@@ -19,8 +21,19 @@ use crate::error::{Result, WorkerError};
 use crate::model::{LayerRange, Segment};
 use crate::pattern::IndexPattern;
 use crate::stage::data_plane::PeerLink;
-use crate::stage::{BatchInput, BatchOutput, BatchSink, CacheStats, StageCompute, StageDevice};
+use crate::stage::{BatchInput, BatchOutput, BatchSink, CacheStats, PeerInput, RelayShape, StageCompute, StageDevice};
 use kernels::cuda::CudaSlice;
+
+/// One segment's relayed top-k rows as received over NCCL.
+struct ReceivedRelay {
+    /// Index into the batch's segments.
+    segment: usize,
+    /// `rows × ld` positions.
+    sel: CudaSlice<u32>,
+    /// Per row, the positions used.
+    lens: CudaSlice<i32>,
+    ld: usize,
+}
 
 /// One layer range on a GPU with its KV cache (`None` only between `free_cache` and
 /// `allocate_cache` during a `Reconfigure`).
@@ -83,6 +96,66 @@ impl GpuStage {
         dev(link.recv(&mut h))?;
         Ok(h)
     }
+
+    /// Receives one relayed segment's positions, then its counts, over `link`.
+    fn receive_relay(&self, shape: RelayShape, link: &PeerLink) -> Result<(CudaSlice<u32>, CudaSlice<i32>)> {
+        // The sender never sends an empty relay, so nothing was sent for one announced empty
+        // (it fails the batch's checks).
+        let positions = shape.positions().filter(|&n| n > 0).ok_or_else(|| {
+            WorkerError::invalid(
+                "nccl.relays",
+                format!(
+                    "{} rows × ld {}: a relay over NCCL has 1 or more rows of 1 or more slots",
+                    shape.rows, shape.ld
+                ),
+            )
+        })?;
+        let k = self.model.kernels();
+        // The counts are received even when the positions failed (as in `receive_all`).
+        let sel = dev(k.zeros::<u32>(positions)).and_then(|mut sel| dev(link.recv(&mut sel)).map(|_| sel));
+        let lens = dev(k.zeros::<i32>(shape.rows)).and_then(|mut lens| dev(link.recv(&mut lens)).map(|_| lens));
+        Ok((sel?, lens?))
+    }
+
+    /// Receives everything `announced` over `link`, in the order it was sent: the hidden
+    /// states, then each relay. Every receive is tried even after one failed, so the sends
+    /// stay matched; the first error is returned.
+    fn receive_all(&self, announced: &PeerInput, link: &PeerLink) -> Result<(CudaSlice<f32>, Vec<ReceivedRelay>)> {
+        let hidden = self.receive(announced.hidden_floats, link);
+        let relays: Vec<_> = announced
+            .relays
+            .iter()
+            .map(|&(segment, shape)| {
+                let (sel, lens) = self.receive_relay(shape, link)?;
+                Ok(ReceivedRelay {
+                    segment,
+                    sel,
+                    lens,
+                    ld: shape.ld,
+                })
+            })
+            .collect();
+        Ok((hidden?, relays.into_iter().collect::<Result<_>>()?))
+    }
+
+    /// Sends `hidden`, then each segment's relay in segment order, to the next stage over
+    /// `link`; returns what was sent (the next stage's announcement).
+    fn send_all(&self, hidden: CudaSlice<f32>, relay: Vec<Option<DevTopk>>, link: &PeerLink) -> Result<PeerInput> {
+        let mut sent = PeerInput {
+            hidden_floats: hidden.len(),
+            relays: Vec::new(),
+        };
+        dev(link.send(hidden))?;
+        for (i, t) in relay.into_iter().enumerate() {
+            if let Some(t) = t {
+                let (sel, lens, ld) = t.into_parts();
+                sent.relays.push((i, RelayShape { rows: lens.len(), ld }));
+                dev(link.send_u32(sel))?;
+                dev(link.send_i32(lens))?;
+            }
+        }
+        Ok(sent)
+    }
 }
 
 impl StageCompute for GpuStage {
@@ -117,10 +190,10 @@ impl StageCompute for GpuStage {
         input: BatchInput<'_>,
         sink: BatchSink<'_, '_>,
     ) -> Result<BatchOutput> {
-        // Hidden states over NCCL are received first, whatever happens next.
+        // Hidden states and relays over NCCL are received first, whatever happens next.
         let received = match input {
             BatchInput::Host(i) => Err(i),
-            BatchInput::Peer { floats, link } => Ok(self.receive(floats, link)?),
+            BatchInput::Peer { announced, link } => Ok(self.receive_all(announced, link)?),
         };
         let out = {
             let mut guard = self.cache();
@@ -128,8 +201,22 @@ impl StageCompute for GpuStage {
                 WorkerError::Device("this stage has no KV cache (a failed Reconfigure left it without one)".into())
             })?;
             match received {
-                Err(host) => self.model.forward_with_patterns(cache, segments, patterns, host)?,
-                Ok(hidden) => self.model.forward_device_hidden(cache, segments, patterns, hidden)?,
+                Err(host) => self.model.forward_host(cache, segments, patterns, host)?,
+                Ok((hidden, parts)) => {
+                    // The relays' shapes were checked against the batch (`PeerInput::check_relays`).
+                    let mut relays: Vec<Option<DevTopk>> = segments.iter().map(|_| None).collect();
+                    for r in parts {
+                        let i = r.segment;
+                        let slot = relays.get_mut(i).ok_or_else(|| {
+                            WorkerError::invalid(
+                                "nccl.relays.segment",
+                                format!("{i}: the batch has {} segments", segments.len()),
+                            )
+                        })?;
+                        *slot = Some(DevTopk::received(r.sel, r.lens, r.ld, segments[i].start));
+                    }
+                    self.model.forward_received(cache, segments, patterns, hidden, relays)?
+                }
             }
         };
         match sink {
@@ -137,22 +224,25 @@ impl StageCompute for GpuStage {
                 self.model
                     .for_each_logits_row(&out.hidden.slice(..), l.rows, l.chunk, l.visit)?;
                 Ok(BatchOutput {
-                    relay: out.relay,
+                    relay: self.model.relay_to_host(out)?.relay,
                     ..BatchOutput::default()
                 })
             }
-            BatchSink::Host => Ok(BatchOutput {
-                hidden: self.model.download(&out.hidden)?,
-                relay: out.relay,
-                sent_floats: 0,
-            }),
+            BatchSink::Host => {
+                let out = self.model.relay_to_host(out)?;
+                Ok(BatchOutput {
+                    hidden: self.model.download(&out.hidden)?,
+                    relay: out.relay,
+                    sent: PeerInput::default(),
+                })
+            }
             BatchSink::Peer(link) => {
-                let sent_floats = out.hidden.len();
-                dev(link.send(out.hidden))?;
+                let relay = segments.iter().map(|_| None).collect();
+                let sent = self.send_all(out.hidden, out.relay, link)?;
                 Ok(BatchOutput {
                     hidden: Vec::new(),
-                    relay: out.relay,
-                    sent_floats,
+                    relay,
+                    sent,
                 })
             }
         }
@@ -166,8 +256,8 @@ impl StageCompute for GpuStage {
         dev(PeerLink::join(self.model.kernels(), unique_id, rank))
     }
 
-    fn discard_peer_input(&self, floats: usize, link: &PeerLink) -> Result<()> {
-        self.receive(floats, link).map(drop)
+    fn discard_peer_input(&self, announced: &PeerInput, link: &PeerLink) -> Result<()> {
+        self.receive_all(announced, link).map(drop)
     }
 
     fn release(&self, seqs: &[u64]) {

@@ -70,8 +70,21 @@ pub fn check_segments(
     segments: &[Segment],
     patterns: &[&IndexPattern],
 ) -> Result<()> {
+    check_segments_relayed(cfg, range, cache, segments, patterns, &[])
+}
+
+/// [`check_segments`] for a batch whose segments `i` with `on_device[i]` got their relay on
+/// the device (over NCCL, its shape checked by the stage): their host relay is not required.
+pub fn check_segments_relayed(
+    cfg: &ModelConfig,
+    range: LayerRange,
+    cache: &impl CacheLengths,
+    segments: &[Segment],
+    patterns: &[&IndexPattern],
+    on_device: &[bool],
+) -> Result<()> {
     let n_layers = cfg.num_hidden_layers;
-    for (s, p) in segments.iter().zip(patterns) {
+    for (i, (s, p)) in segments.iter().zip(patterns).enumerate() {
         if s.len == 0 {
             return Err(WorkerError::invalid(
                 "segment.len",
@@ -106,7 +119,7 @@ pub fn check_segments(
                 p.len()
             )));
         }
-        if p.kind(range.start) == LayerKind::Shared {
+        if p.kind(range.start) == LayerKind::Shared && !on_device.get(i).copied().unwrap_or(false) {
             check_relay(s, range.start)?;
         }
         for (li, layer) in (range.start..range.end).enumerate() {

@@ -10,7 +10,7 @@ mod moe;
 mod per_request;
 pub mod weights;
 
-pub use checks::{check_input, check_relay, check_rows, check_segments, CacheLengths};
+pub use checks::{check_input, check_relay, check_rows, check_segments, check_segments_relayed, CacheLengths};
 #[cfg(feature = "cuda")]
 pub(crate) use per_request::{get_or_load, load_indexer, prepare_indexers};
 

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::data_plane::PeerLink;
+use super::PeerInput;
 use crate::config::ModelConfig;
 use crate::engine::LogitsVisitor;
 use crate::error::{Result, WorkerError};
@@ -66,12 +67,13 @@ pub struct LogitsRequest<'a, 'v> {
 pub enum BatchInput<'a> {
     /// Tokens or hidden states on the host (the coordinator's tokens, gRPC's hidden states).
     Host(StageInput),
-    /// `floats` hidden-state values sent by the previous stage over the NCCL `link`. They
-    /// are received before anything else can fail, so a failed batch never leaves the
-    /// previous stage's send unmatched.
+    /// Hidden states and relayed top-k rows sent by the previous stage over the NCCL `link`,
+    /// as `announced` (its relays already checked against the batch). They are received
+    /// before anything else can fail, so a failed batch never leaves the previous stage's
+    /// sends unmatched.
     Peer {
-        /// Values announced (`rows × hidden_size` when the batch is well-formed).
-        floats: usize,
+        /// What comes over the link, in order.
+        announced: &'a PeerInput,
         /// The link from the previous stage.
         link: &'a PeerLink,
     },
@@ -83,7 +85,8 @@ pub enum BatchSink<'a, 'v> {
     Host,
     /// The last stage: logits rows for the sampler, no hidden states.
     Logits(LogitsRequest<'a, 'v>),
-    /// Hidden states sent to the next stage over the NCCL link (queued on the device).
+    /// Hidden states and the relay sent to the next stage over the NCCL link (queued on the
+    /// device).
     Peer(&'a PeerLink),
 }
 
@@ -93,10 +96,11 @@ pub struct BatchOutput {
     /// Hidden states for the next stage, `rows × hidden_size` (empty when they went to the
     /// logits or over NCCL).
     pub hidden: Vec<f32>,
-    /// Per segment, the top-k rows the next stage needs when it starts on a Shared layer.
+    /// Per segment, the top-k rows the next stage needs when it starts on a Shared layer
+    /// (all `None` when they went over NCCL).
     pub relay: Vec<Option<TopkRows>>,
-    /// Hidden-state values sent over NCCL (0 otherwise).
-    pub sent_floats: usize,
+    /// What went over NCCL (nothing otherwise): the next stage's `NcclPayload`.
+    pub sent: PeerInput,
 }
 
 /// The error for NCCL asked of a stage that cannot use it.
@@ -131,7 +135,7 @@ pub trait StageCompute: Send + Sync {
     /// Runs a micro-batch through the range, segment `i` under `patterns[i]`, updating the
     /// segments' cache entries, and delivers the output to `sink`: the host (hidden states
     /// and relay for the next stage come back), the logits rows of the last stage, or the
-    /// next stage over NCCL (the relay still comes back, for gRPC).
+    /// next stage over NCCL (hidden states, then the relay, device to device).
     fn forward(
         &self,
         segments: &[Segment],
@@ -145,10 +149,10 @@ pub trait StageCompute: Send + Sync {
         Err(no_nccl(self.device()))
     }
 
-    /// Receives and discards `floats` values announced over `link`, for a batch that failed
-    /// before its forward (so the previous stage's send is still matched).
-    fn discard_peer_input(&self, floats: usize, link: &PeerLink) -> Result<()> {
-        let _ = (floats, link);
+    /// Receives and discards everything `announced` over `link` (unchecked), for a batch
+    /// that failed before its forward (so the previous stage's sends are still matched).
+    fn discard_peer_input(&self, announced: &PeerInput, link: &PeerLink) -> Result<()> {
+        let _ = (announced, link);
         Err(no_nccl(self.device()))
     }
 
@@ -267,7 +271,7 @@ impl StageCompute for CpuStage {
             _ => Ok(BatchOutput {
                 hidden: out.hidden,
                 relay: out.relay,
-                sent_floats: 0,
+                sent: PeerInput::default(),
             }),
         }
     }

@@ -5,7 +5,7 @@ use proto::v1::{self as pb, forward_request::Input};
 
 use std::sync::{Mutex, MutexGuard};
 
-use super::{BatchInput, BatchSink, LogitsRequest, Outbound, StageCompute, StageState};
+use super::{BatchInput, BatchSink, LogitsRequest, Outbound, PeerInput, StageCompute, StageState};
 use crate::error::{Result, WorkerError};
 use crate::model::{Segment, StageInput};
 use crate::pattern::IndexPattern;
@@ -98,6 +98,14 @@ fn decode(compute: &dyn StageCompute, req: &mut pb::ForwardRequest) -> Result<Ba
     })
 }
 
+/// Each segment's pattern: its own, else the stage's start-up one.
+fn resolve<'a>(compute: &'a dyn StageCompute, patterns: &'a [Option<IndexPattern>]) -> Vec<&'a IndexPattern> {
+    patterns
+        .iter()
+        .map(|p| p.as_ref().unwrap_or(compute.pattern()))
+        .collect()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -107,32 +115,36 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
     let _batch = state.hold_batches();
     let compute = state.compute();
     let compute = &*compute;
-    // Hidden states announced over NCCL are received whatever becomes of the batch, so the
-    // previous stage's send is always matched.
+    // Hidden states and relays announced over NCCL are received whatever becomes of the
+    // batch, so the previous stage's sends are always matched.
     let inbound = match &req.input {
-        Some(Input::Nccl(p)) => Some((p.hidden_floats as usize, state.links.inbound_link()?)),
+        Some(Input::Nccl(p)) => Some((PeerInput::announced(p), state.links.inbound_link()?)),
         _ => None,
     };
-    let inbound = inbound.as_ref().map(|(n, l)| (*n, lock(l)));
-    let batch = match decode(compute, &mut req) {
+    let inbound = inbound.as_ref().map(|(a, l)| (a, lock(l)));
+    let decoded = decode(compute, &mut req).and_then(|b| {
+        if let Some((announced, _)) = &inbound {
+            let range = compute.range();
+            let topk = compute.config().index_topk;
+            announced.check_relays(&b.segments, &resolve(compute, &b.patterns), range.start, topk)?;
+        }
+        Ok(b)
+    });
+    let batch = match decoded {
         Ok(b) => b,
         Err(e) => {
-            if let Some((floats, link)) = &inbound {
-                if let Err(d) = compute.discard_peer_input(*floats, link) {
-                    tracing::warn!(error = %d, "could not discard hidden states received over NCCL");
+            if let Some((announced, link)) = &inbound {
+                if let Err(d) = compute.discard_peer_input(announced, link) {
+                    tracing::warn!(error = %d, "could not discard the input received over NCCL");
                 }
             }
             return Err(e);
         }
     };
-    let patterns: Vec<&IndexPattern> = batch
-        .patterns
-        .iter()
-        .map(|p| p.as_ref().unwrap_or(compute.pattern()))
-        .collect();
+    let patterns = resolve(compute, &batch.patterns);
     let input = match (batch.input, &inbound) {
         (Some(i), _) => BatchInput::Host(i),
-        (None, Some((floats, link))) => BatchInput::Peer { floats: *floats, link },
+        (None, Some((announced, link))) => BatchInput::Peer { announced, link },
         (None, None) => unreachable!("an NCCL input has its link"),
     };
     if !compute.is_last() {
@@ -151,10 +163,11 @@ fn run(state: &StageState, mut req: pb::ForwardRequest) -> Result<Outbound> {
                 pb::Relay { packed }
             });
         }
+        // A relay over NCCL is not compressed: both counters add the bytes sent.
+        req.relay_bytes += out.sent.relay_bytes();
+        req.relay_raw_bytes += out.sent.relay_bytes();
         req.input = Some(match next {
-            Some(_) => Input::Nccl(pb::NcclPayload {
-                hidden_floats: out.sent_floats as u64,
-            }),
+            Some(_) => Input::Nccl(out.sent.payload()),
             None => Input::Hidden(proto::f32s_to_bytes(&out.hidden)),
         });
         return Ok(Outbound::Next(req));

@@ -1,15 +1,17 @@
-//! The data plane between neighbouring stages: how hidden states travel from one stage to
-//! the next.
+//! The data plane between neighbouring stages: how hidden states and relayed top-k rows
+//! travel from one stage to the next.
 //!
-//! gRPC (`ForwardRequest.hidden`, through both hosts' memory) always works and is the
-//! default. When both stages compute on GPUs and have NCCL, they move hidden states GPU to
-//! GPU instead: on connecting to the next stage, a stage offers the transports it can send
-//! over (`Stage/OpenDataPlane`, with a fresh NCCL unique id when it offers `nccl`); the next
-//! stage picks one ([`choose`]) and, for `nccl`, both join a 2-rank communicator (the sender
-//! as rank 0). The `ForwardRequest` still carries the batch's metadata (segments, batch id,
-//! `report_to`, relayed top-k rows) and says that the hidden states come over NCCL. Any
-//! failure (a stage on the CPU, no NCCL library, both stages on one GPU, a failed
-//! negotiation or join) leaves the pair on gRPC.
+//! gRPC (`ForwardRequest.hidden`, and the compressed relay in `Segment.relay`, through both
+//! hosts' memory) always works and is the default. When both stages compute on GPUs and have
+//! NCCL, they move hidden states and relayed top-k rows GPU to GPU instead: on connecting to
+//! the next stage, a stage offers the transports it can send over (`Stage/OpenDataPlane`,
+//! with a fresh NCCL unique id when it offers `nccl`); the next stage picks one ([`choose`])
+//! and, for `nccl`, both join a 2-rank communicator (the sender as rank 0). The
+//! `ForwardRequest` still carries the batch's metadata (segments, batch id, `report_to`) and
+//! announces what comes over NCCL: the hidden-state size and each relayed segment's shape
+//! (`NcclPayload`, checked by the receiver in `super::PeerInput`). Any failure (a stage on
+//! the CPU, no NCCL library, both stages on one GPU, a failed negotiation or join) leaves the
+//! pair on gRPC.
 //!
 //! The negotiation is plain code, tested without a GPU; the NCCL link itself is
 //! `kernels::cuda::NcclPeer` (feature `cuda`).
@@ -39,10 +41,10 @@ pub enum PeerLink {}
 /// A link shared by the compute thread and whoever opened it (one NCCL call at a time).
 pub type SharedLink = Arc<Mutex<PeerLink>>;
 
-/// How hidden states travel to the next stage.
+/// How hidden states and the relay travel to the next stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// In `ForwardRequest.hidden`.
+    /// In `ForwardRequest.hidden` and `Segment.relay`.
     Grpc,
     /// Over an NCCL communicator.
     Nccl,

@@ -13,6 +13,7 @@ mod compute;
 pub mod data_plane;
 mod links;
 mod observe;
+mod peer_input;
 mod reconfigure;
 mod service;
 
@@ -27,6 +28,7 @@ use crate::sampling::Rng;
 pub use backend::{
     no_nccl, BatchInput, BatchOutput, BatchSink, CacheStats, CpuStage, LogitsRequest, StageCompute, StageDevice,
 };
+pub use peer_input::{PeerInput, RelayShape};
 pub use service::{serve, ServeOptions};
 
 /// Work for the ordered sender.
