@@ -67,11 +67,12 @@ impl StepBackend for CpuBackend {
         chunk: usize,
         visit: &mut LogitsVisitor<'_>,
     ) -> Result<()> {
-        let out = self
-            .model
-            .forward(&mut self.cache, segments, StageInput::Tokens(tokens))?;
+        let patterns = vec![self.model.pattern(); segments.len()];
+        let (out, at) =
+            self.model
+                .forward_for_rows(&mut self.cache, segments, &patterns, StageInput::Tokens(tokens), rows)?;
         self.model
-            .for_each_logits_row(&out.hidden, rows, chunk, |i, logits, lp| visit(i, logits, lp))
+            .for_each_logits_row(&out.hidden, &at, chunk, |i, logits, lp| visit(i, logits, lp))
     }
 
     fn release(&mut self, seq: u64) {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use worker::model::TopkRows;
+use worker::pattern::IndexPattern;
 use worker::{
     Engine, EngineOptions, GenerationRequest, LayerRange, Model, ModelConfig, SamplingParams, Segment, StageInput,
 };
@@ -46,10 +47,27 @@ fn engine(name: &str, pattern: Option<&str>, opts: EngineOptions) -> Engine {
 }
 
 fn check_cases(name: &str, cases: &Value, pattern: Option<&str>, opts: EngineOptions, batched: bool) {
+    check_cases_with(name, cases, pattern, opts, batched, true)
+}
+
+/// [`check_cases`], with or without prompt logprobs: without them, the final layer runs
+/// for the sampled rows only (`Model::forward_for_rows`), so the tokens and generated
+/// logprobs check that path.
+fn check_cases_with(
+    name: &str,
+    cases: &Value,
+    pattern: Option<&str>,
+    opts: EngineOptions,
+    batched: bool,
+    prompt_logprobs: bool,
+) {
     let cases = cases.as_array().unwrap();
     let reqs: Vec<GenerationRequest> = cases
         .iter()
-        .map(|c| greedy(ids(&c["prompt_ids"]), c["max_new_tokens"].as_u64().unwrap() as usize))
+        .map(|c| GenerationRequest {
+            prompt_logprobs,
+            ..greedy(ids(&c["prompt_ids"]), c["max_new_tokens"].as_u64().unwrap() as usize)
+        })
         .collect();
     let mut e = engine(name, pattern, opts);
     let outs = if batched {
@@ -65,13 +83,20 @@ fn check_cases(name: &str, cases: &Value, pattern: Option<&str>, opts: EngineOpt
             ids(&c["greedy_token_ids"]),
             "{name} case {i}: greedy tokens"
         );
-        let want = c["prompt_logprobs"].as_array().unwrap();
-        let got = o.prompt_logprobs.unwrap();
-        assert_eq!(got.len(), want.len(), "{name} case {i}: one prompt logprob per token");
-        assert!(got[0].is_none() && want[0].is_null());
-        for (j, (g, w)) in got.iter().zip(want).enumerate().skip(1) {
-            let (g, w) = (g.unwrap() as f64, w.as_f64().unwrap());
-            assert!((g - w).abs() <= LOGPROB_TOL, "{name} case {i} token {j}: {g} vs HF {w}");
+        if prompt_logprobs {
+            let want = c["prompt_logprobs"].as_array().unwrap();
+            let got = o.prompt_logprobs.unwrap();
+            assert_eq!(got.len(), want.len(), "{name} case {i}: one prompt logprob per token");
+            assert!(got[0].is_none() && want[0].is_null());
+            for (j, (g, w)) in got.iter().zip(want).enumerate().skip(1) {
+                let (g, w) = (g.unwrap() as f64, w.as_f64().unwrap());
+                assert!((g - w).abs() <= LOGPROB_TOL, "{name} case {i} token {j}: {g} vs HF {w}");
+            }
+        } else {
+            assert!(
+                o.prompt_logprobs.is_none(),
+                "{name} case {i}: no prompt logprobs asked for"
+            );
         }
         for (j, (g, w)) in o
             .token_logprobs
@@ -124,6 +149,23 @@ fn batched_mixed_lengths_and_small_blocks_match_hf() {
     };
     for name in FIXTURES {
         check_cases(name, &expected(name)["cases"], None, opts, true);
+    }
+}
+
+#[test]
+fn greedy_tokens_without_prompt_logprobs_match_hf() {
+    // Alone with whole-prompt chunks, and batched with 16-token chunks (whose non-final
+    // chunks want no logits at all, so their final layer only writes the cache).
+    let chunked = EngineOptions {
+        block_size: 4,
+        cache_blocks: 512,
+        prefill_chunk: 16,
+        logits_chunk: 7,
+    };
+    for name in FIXTURES {
+        let cases = &expected(name)["cases"];
+        check_cases_with(name, cases, None, EngineOptions::default(), false, false);
+        check_cases_with(name, cases, None, chunked, true, false);
     }
 }
 
@@ -272,4 +314,76 @@ fn shared_layers_hold_no_indexer_weights_or_key_cache() {
     // An all-Full checkpoint overridden to the same pattern also drops the Shared indexers.
     let model = Model::load(&fixture("glm_dense"), Some("FSSFSS")).unwrap();
     assert_eq!(model.indexer_weight_bytes().iter().filter(|b| **b == 0).count(), 4);
+}
+
+#[test]
+fn forward_for_rows_equals_the_full_pass_on_the_kept_rows_and_fills_the_whole_cache() {
+    // Two sequences whose patterns disagree on the final layer (Full for one, Shared for the
+    // other), so the final layer's cache fill and its cut-down batch both take the mixed path.
+    let dir = fixture("dsv32_dense");
+    let model = Model::load(&dir, None).unwrap();
+    let cfg = model.config().clone();
+    let (n, d) = (cfg.num_hidden_layers, cfg.hidden_size);
+    let all_full = IndexPattern::all_full(n);
+    let last_shared = IndexPattern::parse(&format!("{}S", "F".repeat(n - 1)), n).unwrap();
+    let patterns = [&all_full, &last_shared];
+    let (a, b) = (19, 23);
+    let tokens: Vec<u32> = (0..(a + b) as u32)
+        .map(|t| (t * 37 + 11) % cfg.vocab_size as u32)
+        .collect();
+    let segments = |start_a: usize, len_a: usize, start_b: usize, len_b: usize| {
+        [(1, start_a, len_a), (2, start_b, len_b)].map(|(seq, start, len)| Segment {
+            seq,
+            start,
+            len,
+            relay: None,
+        })
+    };
+    let mut full_cache = model.new_cache(4, 64);
+    let mut kept_cache = model.new_cache(4, 64);
+    let full = model
+        .forward_with_patterns(
+            &mut full_cache,
+            &segments(0, a, 0, b),
+            &patterns,
+            StageInput::Tokens(tokens.clone()),
+        )
+        .unwrap();
+    // Unordered, with a repeat: the last rows of both sequences and two inner rows.
+    let rows = [a + b - 1, a - 1, 5, a - 1, a + 3];
+    let (kept, at) = model
+        .forward_for_rows(
+            &mut kept_cache,
+            &segments(0, a, 0, b),
+            &patterns,
+            StageInput::Tokens(tokens),
+            &rows,
+        )
+        .unwrap();
+    assert_eq!(kept.hidden.len(), 4 * d, "one hidden row per distinct kept row");
+    assert_eq!(
+        (kept.full_layers_run, kept.shared_layers_run),
+        (full.full_layers_run, full.shared_layers_run)
+    );
+    for (&r, &i) in rows.iter().zip(&at) {
+        let (got, want) = (&kept.hidden[i * d..][..d], &full.hidden[r * d..][..d]);
+        let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "row {r}: max diff {worst}");
+    }
+    // The next token of each sequence reads every earlier row's final-layer cache entries.
+    let next = vec![3, 5];
+    let step = |cache: &mut worker::kv_cache::KvCache| {
+        model
+            .forward_with_patterns(
+                cache,
+                &segments(a, 1, b, 1),
+                &patterns,
+                StageInput::Tokens(next.clone()),
+            )
+            .unwrap()
+            .hidden
+    };
+    let (x, y) = (step(&mut full_cache), step(&mut kept_cache));
+    let worst = x.iter().zip(&y).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "decode after a kept-rows prefill: max diff {worst}");
 }

@@ -477,6 +477,7 @@ fn child(a: &ChildArgs) -> Result<()> {
     let mut last_hidden = Vec::new();
     let (cpu0, busy0) = (cpu_seconds(), machine_busy_seconds());
     let t = Instant::now();
+    let n_chunks = prompt.len().div_ceil(a.chunk.max(1));
     for (ci, ids) in prompt.chunks(a.chunk.max(1)).enumerate() {
         let seg = Segment {
             seq: 0,
@@ -484,13 +485,28 @@ fn child(a: &ChildArgs) -> Result<()> {
             len: ids.len(),
             relay: None,
         };
+        // As the engine runs a prompt for generation: only the last chunk's last row has its
+        // logits read, so only that row runs the final layer's attention and MLP.
+        let rows = if ci + 1 == n_chunks {
+            vec![ids.len() - 1]
+        } else {
+            Vec::new()
+        };
         let tc = Instant::now();
-        let out = model.forward(&mut cache, &[seg], StageInput::Tokens(ids.to_vec()))?;
+        let (out, _) = model.forward_for_rows(
+            &mut cache,
+            &[seg],
+            &[model.pattern()],
+            StageInput::Tokens(ids.to_vec()),
+            &rows,
+        )?;
         chunk_seconds.push(tc.elapsed().as_secs_f64());
         chunk_indexer_seconds.push(out.indexer_seconds);
         full_layers = out.full_layers_run;
         shared_layers = out.shared_layers_run;
-        last_hidden = out.hidden[out.hidden.len() - d..].to_vec();
+        if !out.hidden.is_empty() {
+            last_hidden = out.hidden[out.hidden.len() - d..].to_vec();
+        }
     }
     let logits = model.logits(&last_hidden, 1)?;
     let prefill_seconds = t.elapsed().as_secs_f64();
@@ -745,10 +761,17 @@ struct FlopModel {
 }
 
 impl FlopModel {
-    fn prefill(s: &ShapeArgs, n: usize, chunk: usize, full_layers: usize) -> Self {
+    /// A prefill of `n` tokens the way the engine runs one for generation: every layer writes
+    /// every row's cache entries, but the final layer (Full when `last_full`) runs its queries,
+    /// attention, indexer scoring and MLP for the prompt's last row only; indexer queries are
+    /// projected only for rows past `index_topk` (the others select every key unscored).
+    fn prefill(s: &ShapeArgs, n: usize, chunk: usize, full_layers: usize, last_full: bool) -> Self {
         let f = |x: usize| x as f64;
         let (d, h, r, dn, dr, dv) = (s.hidden, s.heads, s.kv_lora_rank, s.nope_dim, s.rope_dim, s.v_dim);
         let per_tok_proj = 2 * (d * s.q_lora_rank + s.q_lora_rank * h * (dn + dr) + d * (r + dr) + h * dv * d);
+        // kv_a runs for every row (cache entries); q_a, q_b and o only for rows whose output is read.
+        let latent = 2 * d * (r + dr);
+        let query_side = per_tok_proj - latent;
         let dims = MlaDims {
             heads: h,
             kv_rank: r,
@@ -768,20 +791,31 @@ impl FlopModel {
                 }
             })
             .sum();
-        let per_tok_ix = 2 * (s.q_lora_rank * s.index_heads * s.index_dim + d * s.index_dim + d * s.index_heads);
+        // The final layer's one row runs absorbed, like a decode row.
+        let last_row_macs = MlaKeyPlan::covering(n - 1, 1, s.index_topk).macs(1, dims).absorbed;
+        let index_key = 2 * d * s.index_dim;
+        let index_query = 2 * (s.q_lora_rank * s.index_heads * s.index_dim + d * s.index_heads);
+        let scored_rows = n - s.index_topk.min(n);
+        let last_scored = usize::from(n > s.index_topk);
+        let last_full = usize::from(last_full);
         // Σ_{t ≥ topk} (t + 1) keys scored.
-        let scored: f64 = (s.index_topk.min(n)..n).map(|t| f(t + 1)).sum::<f64>() + 0.0;
+        let scored: f64 = (s.index_topk.min(n)..n).map(|t| f(t + 1)).sum::<f64>();
+        let score_flops = f(2 * s.index_heads * s.index_dim);
         let moe_layers = s.layers.saturating_sub(s.first_k_dense);
         let dense_layers = s.layers - moe_layers;
-        let mlp_dense = f(dense_layers) * f(n) * f(6 * d * s.intermediate);
-        let mlp_moe =
-            f(moe_layers) * f(n) * f(6 * d * s.moe_intermediate * (s.experts_per_tok + 1) + 2 * d * s.experts);
+        let dense_row = f(6 * d * s.intermediate);
+        let moe_row = f(6 * d * s.moe_intermediate * (s.experts_per_tok + 1) + 2 * d * s.experts);
+        let last_row = if moe_layers > 0 { moe_row } else { dense_row };
+        let body = s.layers.saturating_sub(1);
         FlopModel {
-            attn_proj: f(s.layers) * f(n) * f(per_tok_proj),
-            attn_core: f(s.layers) * 2.0 * attn_macs,
-            indexer_proj: f(full_layers) * f(n) * f(per_tok_ix),
-            indexer_score: f(full_layers) * scored * f(2 * s.index_heads * s.index_dim),
-            mlp: mlp_dense + mlp_moe,
+            attn_proj: f(s.layers * n * latent) + f(body * n * query_side) + f(query_side),
+            attn_core: f(body) * 2.0 * attn_macs + 2.0 * last_row_macs,
+            indexer_proj: f(full_layers * n * index_key)
+                + f((full_layers - last_full) * scored_rows * index_query)
+                + f(last_full * last_scored * index_query),
+            indexer_score: f(full_layers - last_full) * scored * score_flops
+                + f(last_full * last_scored * n) * score_flops,
+            mlp: f(dense_layers) * f(n) * dense_row + f(moe_layers) * f(n) * moe_row - f(n - 1) * last_row,
             head: f(2 * d * s.vocab),
         }
     }
@@ -1295,7 +1329,9 @@ fn print_flops(r: &RunArgs, patterns: &[PatternChoice], results: &BTreeMap<(usiz
     println!("\n### Prefill work by phase (GFLOP computed from the shapes, not measured) and achieved rate\n");
     println!(
         "attn core: per chunk, the form the engine picks (expanded or absorbed), assuming each 128-row block's \
-         selections cover every earlier key (measured for this model at 4K).\n"
+         selections cover every earlier key (measured for this model at 4K). The final layer runs its queries, \
+         attention, indexer scoring and MLP for the prompt's last row only (every row's cache entries are still \
+         written), and indexer queries are projected only for rows past index_topk, as the engine does.\n"
     );
     println!(
         "| context | pattern | attn proj | attn core | indexer proj | indexer score | MLP | total | indexer GFLOP/s | \
@@ -1303,11 +1339,13 @@ fn print_flops(r: &RunArgs, patterns: &[PatternChoice], results: &BTreeMap<(usiz
     );
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (&(c, pi), x) in results {
-        let full = patterns[pi]
+        let (full, last_full) = patterns[pi]
             .override_pattern
             .as_ref()
-            .map_or(r.shape.layers, |p| p.chars().filter(|&ch| ch == 'F').count());
-        let m = FlopModel::prefill(&r.shape, c, r.chunk, full);
+            .map_or((r.shape.layers, true), |p| {
+                (p.chars().filter(|&ch| ch == 'F').count(), p.ends_with('F'))
+            });
+        let m = FlopModel::prefill(&r.shape, c, r.chunk, full, last_full);
         let g = 1e-9;
         let ix = m.indexer_proj + m.indexer_score;
         let rest_s = x.prefill_seconds - x.prefill_indexer_seconds;

@@ -64,47 +64,23 @@ pub fn forward(
     let c = ctx.cfg;
     let rows: usize = segments.iter().map(|s| s.len).sum();
     let dims = mla_dims(c);
-    let (h, r, dn, dr, dv) = (dims.heads, dims.kv_rank, dims.nope_dim, dims.rope_dim, dims.v_dim);
+    let (h, dn, dr, dv) = (dims.heads, dims.nope_dim, dims.rope_dim, dims.v_dim);
     let dq = dn + dr;
 
     let qa = w.q_a.forward(x, rows);
     let mut qr = vec![0.0; qa.len()];
     kernels::rms_norm(&qa, &w.q_a_norm, LATENT_NORM_EPS, &mut qr);
     let mut q = w.q_b.forward(&qr, rows);
-    let kv = w.kv_a.forward(x, rows);
-
-    // Rotate queries and build each row's cache entry in parallel (the f64 sin/cos of the
-    // rotary table is per row); only the cache writes are serial.
+    // Rotate the queries in parallel (the f64 sin/cos of the rotary table is per row).
     let positions = row_positions(segments);
-    let mut ckv = vec![0.0; rows * r];
-    let mut kpe = vec![0.0; rows * dr];
-    q.par_chunks_mut(h * dq)
-        .zip(kv.par_chunks(r + dr))
-        .zip(ckv.par_chunks_mut(r).zip(kpe.par_chunks_mut(dr)))
-        .zip(positions.par_iter())
-        .for_each_init(
-            || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
-            |(cos, sin), (((q_row, kv_row), (ckv_row, kpe_row)), &pos)| {
-                ctx.rope.cos_sin(pos, cos, sin);
-                rope_rows(q_row, dq, dn, dr, cos, sin, RopeStyle::Interleaved);
-                kernels::rms_norm(&kv_row[..r], &w.kv_a_norm, LATENT_NORM_EPS, ckv_row);
-                kpe_row.copy_from_slice(&kv_row[r..]);
-                kernels::apply_rope(kpe_row, cos, sin, RopeStyle::Interleaved);
-            },
-        );
-    let mut row = 0;
-    for s in segments {
-        for pos in s.start..s.start + s.len {
-            cache.write_kv(
-                ctx.cache_layer,
-                s.seq,
-                pos,
-                &ckv[row * r..][..r],
-                &kpe[row * dr..][..dr],
-            )?;
-            row += 1;
-        }
-    }
+    q.par_chunks_mut(h * dq).zip(positions.par_iter()).for_each_init(
+        || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
+        |(cos, sin), (q_row, &pos)| {
+            ctx.rope.cos_sin(pos, cos, sin);
+            rope_rows(q_row, dq, dn, dr, cos, sin, RopeStyle::Interleaved);
+        },
+    );
+    write_latents(ctx, w, x, segments, cache)?;
 
     if let Some(ix) = &w.indexer {
         let t0 = std::time::Instant::now();
@@ -157,6 +133,70 @@ pub fn forward(
         absorbed_attention(ctx, w, &q, &absorbed, cache, &mut v)?;
     }
     Ok(w.o.forward(&v, rows))
+}
+
+/// Writes the layer's cache entries of every row (the latent, and the indexer key when the
+/// layer runs its indexer) without computing any row's attention: what the final layer needs
+/// of rows whose output no one reads (see `Model::forward_for_logits`).
+pub fn fill_cache(
+    ctx: &AttnCtx<'_>,
+    w: &AttentionWeights,
+    x: &[f32],
+    segments: &[Segment],
+    cache: &mut KvCache,
+    indexer_seconds: &mut f64,
+) -> Result<()> {
+    write_latents(ctx, w, x, segments, cache)?;
+    if let Some(ix) = &w.indexer {
+        let t0 = std::time::Instant::now();
+        write_index_keys(ctx, ix, x, segments, cache)?;
+        *indexer_seconds += t0.elapsed().as_secs_f64();
+    }
+    Ok(())
+}
+
+/// Writes every row's latent cache entry: `c_kv` after its norm, and the rotated `k_pe`.
+fn write_latents(
+    ctx: &AttnCtx<'_>,
+    w: &AttentionWeights,
+    x: &[f32],
+    segments: &[Segment],
+    cache: &mut KvCache,
+) -> Result<()> {
+    let c = ctx.cfg;
+    let rows: usize = segments.iter().map(|s| s.len).sum();
+    let (r, dr) = (c.kv_lora_rank, c.qk_rope_head_dim);
+    let kv = w.kv_a.forward(x, rows);
+    let positions = row_positions(segments);
+    let mut ckv = vec![0.0; rows * r];
+    let mut kpe = vec![0.0; rows * dr];
+    // Built in parallel; only the cache writes are serial.
+    kv.par_chunks(r + dr)
+        .zip(ckv.par_chunks_mut(r).zip(kpe.par_chunks_mut(dr)))
+        .zip(positions.par_iter())
+        .for_each_init(
+            || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
+            |(cos, sin), ((kv_row, (ckv_row, kpe_row)), &pos)| {
+                ctx.rope.cos_sin(pos, cos, sin);
+                kernels::rms_norm(&kv_row[..r], &w.kv_a_norm, LATENT_NORM_EPS, ckv_row);
+                kpe_row.copy_from_slice(&kv_row[r..]);
+                kernels::apply_rope(kpe_row, cos, sin, RopeStyle::Interleaved);
+            },
+        );
+    let mut row = 0;
+    for s in segments {
+        for pos in s.start..s.start + s.len {
+            cache.write_kv(
+                ctx.cache_layer,
+                s.seq,
+                pos,
+                &ckv[row * r..][..r],
+                &kpe[row * dr..][..dr],
+            )?;
+            row += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Which attention form segments run in.
@@ -276,11 +316,45 @@ fn run_indexer(
     let rows: usize = segments.iter().map(|s| s.len).sum();
     let (hi, di, dr) = (c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim);
     let style = c.arch.indexer_rope_style();
-    let mut qi = ix.wq_b.forward(qr, rows);
-    let kraw = ix.wk.forward(x, rows);
-    let mut ki = vec![0.0; kraw.len()];
-    kernels::layer_norm(&kraw, &ix.k_norm_w, &ix.k_norm_b, INDEX_K_NORM_EPS, &mut ki);
-    let mut weights = ix.weights_proj.forward(x, rows);
+    // Rows at positions below index_topk select every earlier key without being scored
+    // (`kernels::indexer_topk`), so only the others need query projections; theirs stay 0.
+    let scored: Vec<usize> = row_positions(segments)
+        .iter()
+        .enumerate()
+        .filter(|&(_, &pos)| pos >= c.index_topk)
+        .map(|(row, _)| row)
+        .collect();
+    let (mut qi, mut weights) = if scored.len() == rows {
+        (ix.wq_b.forward(qr, rows), ix.weights_proj.forward(x, rows))
+    } else {
+        let gather = |a: &[f32], width: usize| -> Vec<f32> {
+            scored
+                .iter()
+                .flat_map(|&row| &a[row * width..][..width])
+                .copied()
+                .collect()
+        };
+        let scatter = |part: Vec<f32>, width: usize| -> Vec<f32> {
+            let mut all = vec![0.0; rows * width];
+            for (i, &row) in scored.iter().enumerate() {
+                all[row * width..][..width].copy_from_slice(&part[i * width..][..width]);
+            }
+            all
+        };
+        let n = scored.len();
+        let (dqr, d) = (qr.len() / rows.max(1), x.len() / rows.max(1));
+        let qi = if n == 0 {
+            Vec::new()
+        } else {
+            ix.wq_b.forward(&gather(qr, dqr), n)
+        };
+        let w = if n == 0 {
+            Vec::new()
+        } else {
+            ix.weights_proj.forward(&gather(x, d), n)
+        };
+        (scatter(qi, hi * di), scatter(w, hi))
+    };
     // Fold both scales into the head weights: ReLU(a·s) = s·ReLU(a) for s > 0.
     let scale = (hi as f32).powf(-0.5) * (di as f32).powf(-0.5);
     for v in &mut weights {
@@ -288,24 +362,14 @@ fn run_indexer(
     }
     // Each indexer head is [rope | nope]: rope part first. Rotated in parallel per row.
     let positions = row_positions(segments);
-    qi.par_chunks_mut(hi * di)
-        .zip(ki.par_chunks_mut(di))
-        .zip(positions.par_iter())
-        .for_each_init(
-            || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
-            |(cos, sin), ((q_row, k_row), &pos)| {
-                ctx.rope.cos_sin(pos, cos, sin);
-                rope_rows(q_row, di, 0, dr, cos, sin, style);
-                kernels::apply_rope(&mut k_row[..dr], cos, sin, style);
-            },
-        );
-    let mut row = 0;
-    for s in segments {
-        for pos in s.start..s.start + s.len {
-            cache.write_index_key(ctx.cache_layer, s.seq, pos, &ki[row * di..][..di])?;
-            row += 1;
-        }
-    }
+    qi.par_chunks_mut(hi * di).zip(positions.par_iter()).for_each_init(
+        || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
+        |(cos, sin), (q_row, &pos)| {
+            ctx.rope.cos_sin(pos, cos, sin);
+            rope_rows(q_row, di, 0, dr, cos, sin, style);
+        },
+    );
+    write_index_keys(ctx, ix, x, segments, cache)?;
     let mut row = 0;
     for (s, t) in segments.iter().zip(topk.iter_mut()) {
         let blocks = cache.layer_blocks(ctx.cache_layer, s.seq)?;
@@ -324,6 +388,39 @@ fn run_indexer(
         kernels::indexer_topk(&inp, &mut out);
         *t = Some(out);
         row += s.len;
+    }
+    Ok(())
+}
+
+/// Writes every row's indexer key: `wk`, its LayerNorm, and the rotated rope part.
+fn write_index_keys(
+    ctx: &AttnCtx<'_>,
+    ix: &IndexerWeights,
+    x: &[f32],
+    segments: &[Segment],
+    cache: &mut KvCache,
+) -> Result<()> {
+    let c = ctx.cfg;
+    let rows: usize = segments.iter().map(|s| s.len).sum();
+    let (di, dr) = (c.index_head_dim, c.qk_rope_head_dim);
+    let style = c.arch.indexer_rope_style();
+    let kraw = ix.wk.forward(x, rows);
+    let mut ki = vec![0.0; kraw.len()];
+    kernels::layer_norm(&kraw, &ix.k_norm_w, &ix.k_norm_b, INDEX_K_NORM_EPS, &mut ki);
+    let positions = row_positions(segments);
+    ki.par_chunks_mut(di).zip(positions.par_iter()).for_each_init(
+        || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
+        |(cos, sin), (k_row, &pos)| {
+            ctx.rope.cos_sin(pos, cos, sin);
+            kernels::apply_rope(&mut k_row[..dr], cos, sin, style);
+        },
+    );
+    let mut row = 0;
+    for s in segments {
+        for pos in s.start..s.start + s.len {
+            cache.write_index_key(ctx.cache_layer, s.seq, pos, &ki[row * di..][..di])?;
+            row += 1;
+        }
     }
     Ok(())
 }

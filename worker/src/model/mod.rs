@@ -7,6 +7,7 @@
 mod attention;
 mod checks;
 mod moe;
+mod output_rows;
 mod per_request;
 pub mod weights;
 
@@ -284,8 +285,51 @@ impl Model {
         patterns: &[&IndexPattern],
         input: StageInput,
     ) -> Result<StageOutput> {
+        self.forward_keeping(cache, segments, patterns, input, None)
+    }
+
+    /// Runs the batch as [`Model::forward_with_patterns`] does, for a caller that reads the
+    /// output of batch rows `rows` only (the rows whose logits it wants; any order, repeats
+    /// allowed). On the range that holds the final layer, that layer computes its attention
+    /// and MLP for those rows alone; every row's cache entries are still written (see
+    /// `output_rows`). The returned `hidden` holds the distinct rows of `rows`, ascending;
+    /// the second value gives, per entry of `rows`, its row there (what
+    /// [`Model::for_each_logits_row`] takes).
+    pub fn forward_for_rows(
+        &self,
+        cache: &mut KvCache,
+        segments: &[Segment],
+        patterns: &[&IndexPattern],
+        input: StageInput,
+        rows: &[usize],
+    ) -> Result<(StageOutput, Vec<usize>)> {
+        let mut keep = rows.to_vec();
+        keep.sort_unstable();
+        keep.dedup();
+        let out = self.forward_keeping(cache, segments, patterns, input, Some(&keep))?;
+        // Every row is in `keep`, so the search always finds it.
+        let at = rows
+            .iter()
+            .map(|r| keep.binary_search(r).unwrap_or_else(|i| i))
+            .collect();
+        Ok((out, at))
+    }
+
+    /// The forward pass; with `keep`, only those rows' hidden states are returned, and the
+    /// final layer (when this range holds it) runs its attention and MLP for them alone.
+    fn forward_keeping(
+        &self,
+        cache: &mut KvCache,
+        segments: &[Segment],
+        patterns: &[&IndexPattern],
+        input: StageInput,
+        keep: Option<&[usize]>,
+    ) -> Result<StageOutput> {
         let d = self.cfg.hidden_size;
         let rows = checks::check_input(&self.cfg, segments, patterns, &input)?;
+        if let Some(keep) = keep {
+            output_rows::check_keep(keep, rows)?;
+        }
         let mut hidden = match input {
             StageInput::Tokens(t) => self.embed_tokens(&t)?,
             StageInput::Hidden(h) => h,
@@ -318,50 +362,39 @@ impl Model {
             cache.grow(s.seq, s.start + s.len)?;
         }
         let mut topk: Vec<Option<TopkRows>> = segments.iter().map(|s| s.relay.clone()).collect();
-        let (mut full, mut shared, mut indexer_seconds) = (0, 0, 0.0);
-        let mut x = vec![0.0; rows * d];
+        let mut stats = LayerStats::default();
+        let prune = keep.filter(|k| k.len() < rows && self.range.end == n_layers);
+        let mut kept = None;
         for (li, layer) in self.layers.iter().enumerate() {
             let global = self.range.start + li;
-            kernels::rms_norm(&hidden, &layer.input_norm, self.cfg.rms_norm_eps, &mut x);
-            let ctx = attention::AttnCtx {
-                cfg: &self.cfg,
-                rope: &self.rope,
-                layer: global,
-                cache_layer: li,
-            };
+            let ix = &layer_indexers[li];
             let full_segs: Vec<bool> = patterns.iter().map(|p| p.is_full(global)).collect();
-            let first = full_segs.first().copied().unwrap_or(false);
-            let attn = if full_segs.iter().all(|f| *f == first) {
-                let view = layer.attn.view(if first { layer_indexers[li].clone() } else { None });
-                attention::forward(&ctx, &view, &x, segments, &mut topk, cache, &mut indexer_seconds)?
-            } else {
-                // Sequences disagree on this layer: run the Full and the Shared ones apart.
-                let mut attn = vec![0.0; rows * d];
-                for kind in [true, false] {
-                    let view = layer.attn.view(if kind { layer_indexers[li].clone() } else { None });
-                    let pick: Vec<usize> = (0..segments.len()).filter(|&i| full_segs[i] == kind).collect();
-                    run_group(&pick, segments, &mut topk, &x, &mut attn, d, |segs, topk, xg| {
-                        attention::forward(&ctx, &view, xg, segs, topk, cache, &mut indexer_seconds)
-                    })?;
+            stats.full += usize::from(full_segs.iter().any(|f| *f));
+            stats.shared += usize::from(full_segs.iter().any(|f| !*f));
+            match (prune, &kept) {
+                (Some(keep), None) if global == n_layers - 1 => {
+                    let mut x = vec![0.0; rows * d];
+                    kernels::rms_norm(&hidden, &layer.input_norm, self.cfg.rms_norm_eps, &mut x);
+                    self.fill_layer_cache(li, ix, &x, segments, patterns, cache, &mut stats)?;
+                    let batch = output_rows::keep_rows(segments, &topk, keep);
+                    let pats: Vec<&IndexPattern> = batch.origin.iter().map(|&i| patterns[i]).collect();
+                    let mut h = output_rows::gather_rows(&hidden, keep, d);
+                    let mut t = batch.topk;
+                    if !keep.is_empty() {
+                        self.run_layer(li, ix, &mut h, &batch.segments, &pats, &mut t, cache, &mut stats)?;
+                    }
+                    kept = Some(h);
                 }
-                attn
-            };
-            if full_segs.iter().any(|f| *f) {
-                full += 1;
+                _ => self.run_layer(li, ix, &mut hidden, segments, patterns, &mut topk, cache, &mut stats)?,
             }
-            if full_segs.iter().any(|f| !*f) {
-                shared += 1;
-            }
-            add_in_place(&mut hidden, &attn);
-            kernels::rms_norm(&hidden, &layer.post_norm, self.cfg.rms_norm_eps, &mut x);
-            let mlp = match &layer.mlp {
-                Mlp::Dense(m) => m.forward(&x, rows),
-                Mlp::Moe(m) => moe::forward(&self.cfg, m, &x, rows),
-            };
-            add_in_place(&mut hidden, &mlp);
         }
+        let hidden = match (kept, keep) {
+            (Some(h), _) => h,
+            (None, Some(keep)) if keep.len() < rows => output_rows::gather_rows(&hidden, keep, d),
+            (None, _) => hidden,
+        };
         // A segment's top-k travels on when the next stage starts on a layer that is Shared
-        // under that segment's pattern.
+        // under that segment's pattern (never after the final layer, the only one pruned).
         let relay = topk
             .into_iter()
             .zip(patterns)
@@ -377,10 +410,102 @@ impl Model {
         Ok(StageOutput {
             hidden,
             relay,
-            full_layers_run: full,
-            shared_layers_run: shared,
-            indexer_seconds,
+            full_layers_run: stats.full,
+            shared_layers_run: stats.shared,
+            indexer_seconds: stats.indexer_seconds,
         })
+    }
+
+    /// The attention context of range layer `li`.
+    fn attn_ctx(&self, li: usize) -> attention::AttnCtx<'_> {
+        attention::AttnCtx {
+            cfg: &self.cfg,
+            rope: &self.rope,
+            layer: self.range.start + li,
+            cache_layer: li,
+        }
+    }
+
+    /// One decoder layer over the batch: attention (each segment Full or Shared under its
+    /// pattern) and MLP, added into `hidden`; adds the indexer's time to `stats`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layer(
+        &self,
+        li: usize,
+        indexer: &Option<std::sync::Arc<IndexerWeights>>,
+        hidden: &mut [f32],
+        segments: &[Segment],
+        patterns: &[&IndexPattern],
+        topk: &mut [Option<TopkRows>],
+        cache: &mut KvCache,
+        stats: &mut LayerStats,
+    ) -> Result<()> {
+        let d = self.cfg.hidden_size;
+        let rows = hidden.len() / d;
+        let layer = &self.layers[li];
+        let global = self.range.start + li;
+        let mut x = vec![0.0; rows * d];
+        kernels::rms_norm(hidden, &layer.input_norm, self.cfg.rms_norm_eps, &mut x);
+        let ctx = self.attn_ctx(li);
+        let full_segs: Vec<bool> = patterns.iter().map(|p| p.is_full(global)).collect();
+        let first = full_segs.first().copied().unwrap_or(false);
+        let seconds = &mut stats.indexer_seconds;
+        let attn = if full_segs.iter().all(|f| *f == first) {
+            let view = layer.attn.view(if first { indexer.clone() } else { None });
+            attention::forward(&ctx, &view, &x, segments, topk, cache, seconds)?
+        } else {
+            // Sequences disagree on this layer: run the Full and the Shared ones apart.
+            let mut attn = vec![0.0; rows * d];
+            for kind in [true, false] {
+                let view = layer.attn.view(if kind { indexer.clone() } else { None });
+                let pick: Vec<usize> = (0..segments.len()).filter(|&i| full_segs[i] == kind).collect();
+                run_group(&pick, segments, topk, &x, &mut attn, d, |segs, topk, xg| {
+                    attention::forward(&ctx, &view, xg, segs, topk, cache, seconds)
+                })?;
+            }
+            attn
+        };
+        add_in_place(hidden, &attn);
+        kernels::rms_norm(hidden, &layer.post_norm, self.cfg.rms_norm_eps, &mut x);
+        let mlp = match &layer.mlp {
+            Mlp::Dense(m) => m.forward(&x, rows),
+            Mlp::Moe(m) => moe::forward(&self.cfg, m, &x, rows),
+        };
+        add_in_place(hidden, &mlp);
+        Ok(())
+    }
+
+    /// Writes range layer `li`'s cache entries for every row of the batch (`x` its normed
+    /// input) without running its attention: latents for all segments, indexer keys for
+    /// those whose pattern makes the layer Full.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_layer_cache(
+        &self,
+        li: usize,
+        indexer: &Option<std::sync::Arc<IndexerWeights>>,
+        x: &[f32],
+        segments: &[Segment],
+        patterns: &[&IndexPattern],
+        cache: &mut KvCache,
+        stats: &mut LayerStats,
+    ) -> Result<()> {
+        let d = self.cfg.hidden_size;
+        let layer = &self.layers[li];
+        let ctx = self.attn_ctx(li);
+        let global = self.range.start + li;
+        let full_segs: Vec<bool> = patterns.iter().map(|p| p.is_full(global)).collect();
+        let seconds = &mut stats.indexer_seconds;
+        if full_segs.iter().all(|f| *f == full_segs[0]) {
+            let view = layer.attn.view(if full_segs[0] { indexer.clone() } else { None });
+            return attention::fill_cache(&ctx, &view, x, segments, cache, seconds);
+        }
+        for kind in [true, false] {
+            let view = layer.attn.view(if kind { indexer.clone() } else { None });
+            let pick: Vec<usize> = (0..segments.len()).filter(|&i| full_segs[i] == kind).collect();
+            let (segs, xg) = per_request::gather_group(&pick, segments, x, d);
+            attention::fill_cache(&ctx, &view, &xg, &segs, cache, seconds)?;
+        }
+        Ok(())
     }
 
     /// Final norm and `lm_head` over `rows` hidden rows: `rows × vocab` logits.
@@ -427,6 +552,14 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Counts and times a forward pass accumulates over its layers.
+#[derive(Default)]
+struct LayerStats {
+    full: usize,
+    shared: usize,
+    indexer_seconds: f64,
 }
 
 fn add_in_place(acc: &mut [f32], x: &[f32]) {

@@ -101,32 +101,14 @@ pub(super) fn run_group(
     d: usize,
     mut f: impl FnMut(&[Segment], &mut [Option<TopkRows>], &[f32]) -> Result<Vec<f32>>,
 ) -> Result<()> {
-    let mut offsets = Vec::with_capacity(segments.len());
-    let mut row = 0;
-    for s in segments {
-        offsets.push(row);
-        row += s.len;
-    }
-    let mut xg = Vec::new();
-    let mut segs = Vec::with_capacity(pick.len());
-    let mut topk_g = Vec::with_capacity(pick.len());
-    for &i in pick {
-        let s = &segments[i];
-        xg.extend_from_slice(&x[offsets[i] * d..(offsets[i] + s.len) * d]);
-        // The relay already sits in `topk`; the attention call only needs the positions.
-        segs.push(Segment {
-            seq: s.seq,
-            start: s.start,
-            len: s.len,
-            relay: None,
-        });
-        topk_g.push(topk[i].take());
-    }
+    let (segs, xg) = gather_group(pick, segments, x, d);
+    let mut topk_g: Vec<Option<TopkRows>> = pick.iter().map(|&i| topk[i].take()).collect();
     let result = f(&segs, &mut topk_g, &xg);
     for (&i, t) in pick.iter().zip(topk_g) {
         topk[i] = t;
     }
     let y = result?;
+    let offsets = first_rows(segments);
     let mut row = 0;
     for &i in pick {
         let len = segments[i].len;
@@ -134,4 +116,35 @@ pub(super) fn run_group(
         row += len;
     }
     Ok(())
+}
+
+/// Each segment's first row in the batch.
+fn first_rows(segments: &[Segment]) -> Vec<usize> {
+    segments
+        .iter()
+        .scan(0, |row, s| {
+            let first = *row;
+            *row += s.len;
+            Some(first)
+        })
+        .collect()
+}
+
+/// The segments `pick` of the batch (their relays left out: a group's selections travel
+/// separately) and their rows of `x` (rows of `d` values).
+pub(super) fn gather_group(pick: &[usize], segments: &[Segment], x: &[f32], d: usize) -> (Vec<Segment>, Vec<f32>) {
+    let offsets = first_rows(segments);
+    let mut xg = Vec::new();
+    let mut segs = Vec::with_capacity(pick.len());
+    for &i in pick {
+        let s = &segments[i];
+        xg.extend_from_slice(&x[offsets[i] * d..(offsets[i] + s.len) * d]);
+        segs.push(Segment {
+            seq: s.seq,
+            start: s.start,
+            len: s.len,
+            relay: None,
+        });
+    }
+    (segs, xg)
 }

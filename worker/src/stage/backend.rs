@@ -253,16 +253,29 @@ impl StageCompute for CpuStage {
             return Err(no_nccl(self.device()));
         }
         // The cache lock is held for the forward only: logits need the model alone.
-        let out = {
+        // The last stage computes its final layer for the rows whose logits are wanted only.
+        let logits_rows = match &sink {
+            BatchSink::Logits(l) => Some(l.rows),
+            _ => None,
+        };
+        let (out, at) = {
             let mut cache = self.cache();
-            self.model
-                .forward_with_patterns(&mut cache, segments, patterns, input)?
+            match logits_rows {
+                Some(rows) => self
+                    .model
+                    .forward_for_rows(&mut cache, segments, patterns, input, rows)?,
+                None => (
+                    self.model
+                        .forward_with_patterns(&mut cache, segments, patterns, input)?,
+                    Vec::new(),
+                ),
+            }
         };
         match sink {
             BatchSink::Logits(l) => {
                 let visit = l.visit;
                 self.model
-                    .for_each_logits_row(&out.hidden, l.rows, l.chunk, |i, lg, lp| visit(i, lg, lp))?;
+                    .for_each_logits_row(&out.hidden, &at, l.chunk, |i, lg, lp| visit(i, lg, lp))?;
                 Ok(BatchOutput {
                     relay: out.relay,
                     ..BatchOutput::default()
