@@ -141,14 +141,18 @@ fn greedy_tokens_and_prompt_logprobs_match_hf() {
 fn batched_mixed_lengths_and_small_blocks_match_hf() {
     // Three prompts of different lengths in one batch, 4-position blocks and 16-token prefill
     // chunks: paging and chunking must not change a single token.
-    let opts = EngineOptions {
+    for name in FIXTURES {
+        check_cases(name, &expected(name)["cases"], None, small_blocks_and_chunks(), true);
+    }
+}
+
+/// 4-position cache blocks, 16-token prefill chunks, 7 logits rows at a time.
+fn small_blocks_and_chunks() -> EngineOptions {
+    EngineOptions {
         block_size: 4,
         cache_blocks: 512,
         prefill_chunk: 16,
         logits_chunk: 7,
-    };
-    for name in FIXTURES {
-        check_cases(name, &expected(name)["cases"], None, opts, true);
     }
 }
 
@@ -156,16 +160,10 @@ fn batched_mixed_lengths_and_small_blocks_match_hf() {
 fn greedy_tokens_without_prompt_logprobs_match_hf() {
     // Alone with whole-prompt chunks, and batched with 16-token chunks (whose non-final
     // chunks want no logits at all, so their final layer only writes the cache).
-    let chunked = EngineOptions {
-        block_size: 4,
-        cache_blocks: 512,
-        prefill_chunk: 16,
-        logits_chunk: 7,
-    };
     for name in FIXTURES {
         let cases = &expected(name)["cases"];
         check_cases_with(name, cases, None, EngineOptions::default(), false, false);
-        check_cases_with(name, cases, None, chunked, true, false);
+        check_cases_with(name, cases, None, small_blocks_and_chunks(), true, false);
     }
 }
 
