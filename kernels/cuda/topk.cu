@@ -151,3 +151,28 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS)
         if (written >= k) break;  // uniform: sel_total is the block's total
     }
 }
+
+// Checks a relayed selection (rows x ld positions, the first lens[r] of row r used) before the
+// attention kernels index the KV cache with it: row r, at position first_pos + r, is valid iff
+// 1 <= lens[r] <= ld and each of its used positions is <= first_pos + r. Every invalid row
+// raises *bad to rows - r (atomicMax), so afterwards *bad == 0 means all rows are valid and
+// otherwise rows - *bad is the first invalid row, whatever the scheduling. One block per row
+// (grid-stride over rows); *bad must be zero before the launch.
+extern "C" __global__ void validate_topk_rows(const u32* __restrict__ sel, const int* __restrict__ lens, int rows,
+                                              int ld, long long first_pos, u32* __restrict__ bad) {
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const int len = lens[r];
+        if (len < 1 || len > ld) {
+            if (threadIdx.x == 0) atomicMax(bad, (u32)(rows - r));
+            continue;
+        }
+        const long long limit = first_pos + r;
+        const u32* s = sel + (size_t)r * ld;
+        for (int j = threadIdx.x; j < len; j += blockDim.x) {
+            if ((long long)s[j] > limit) {
+                atomicMax(bad, (u32)(rows - r));
+                break;
+            }
+        }
+    }
+}

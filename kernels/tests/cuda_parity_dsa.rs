@@ -101,6 +101,52 @@ struct IndexerCase {
     positions: Vec<usize>,
 }
 
+/// Runs validate_topk_rows on host rows of `ld` slots.
+fn gpu_validate(k: &GpuKernels, sel: &[u32], lens: &[i32], ld: usize, first_pos: usize) -> Option<usize> {
+    let (sd, ld_dev) = (k.upload(sel).unwrap(), k.upload(lens).unwrap());
+    k.validate_topk_rows(&sd.slice(..), &ld_dev.slice(..), ld, first_pos)
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run by scripts/gpu-check.sh"]
+fn cuda_validate_topk_rows_flags_the_first_bad_row() {
+    let k = gpu();
+    // More rows than one block of threads covers slots, and a large first position.
+    let (rows, ld) = (300, 200);
+    for first_pos in [0usize, 7, 5_000_000] {
+        let mut sel = vec![u32::MAX; rows * ld]; // unused slots are never read
+        let mut lens = vec![0i32; rows];
+        for (r, len) in lens.iter_mut().enumerate() {
+            let pos = first_pos + r;
+            let n = ld.min(pos + 1);
+            *len = n as i32;
+            for j in 0..n {
+                sel[r * ld + j] = (pos - j) as u32;
+            }
+        }
+        assert_eq!(
+            gpu_validate(&k, &sel, &lens, ld, first_pos),
+            None,
+            "first_pos {first_pos}: valid"
+        );
+        let last = |r: usize| r * ld + lens[r] as usize - 1;
+        let mut past = sel.clone();
+        past[last(250)] = (first_pos + 251) as u32;
+        past[last(299)] = (first_pos + 300) as u32;
+        assert_eq!(
+            gpu_validate(&k, &past, &lens, ld, first_pos),
+            Some(250),
+            "past the row's position"
+        );
+        for (bad_len, row) in [(0, 3), (ld as i32 + 1, 0), (-1, 299)] {
+            let mut l = lens.clone();
+            l[row] = bad_len;
+            assert_eq!(gpu_validate(&k, &sel, &l, ld, first_pos), Some(row), "len {bad_len}");
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU; run by scripts/gpu-check.sh"]
 fn cuda_indexer_topk_matches_cpu() {

@@ -111,6 +111,63 @@ static void check_topk() {
     std::printf("topk: done\n");
 }
 
+// ---- relay validation ----------------------------------------------------------------------
+// The first row that breaks 1 <= lens[r] <= ld or has a used position past first_pos + r, or -1.
+static int ref_first_bad(const std::vector<uint32_t>& sel, const std::vector<int>& lens, int ld, long long first_pos) {
+    for (int r = 0; r < (int)lens.size(); ++r) {
+        if (lens[r] < 1 || lens[r] > ld) return r;
+        for (int j = 0; j < lens[r]; ++j)
+            if ((long long)sel[(size_t)r * ld + j] > first_pos + r) return r;
+    }
+    return -1;
+}
+
+// Runs validate_topk_rows with fewer blocks than rows and fewer threads than ld (both strides
+// taken); returns the first bad row it reports, or -1.
+static int run_validate(const std::vector<uint32_t>& sel, const std::vector<int>& lens, int ld, long long first_pos) {
+    const int rows = (int)lens.size();
+    uint32_t bad = 0;
+    LAUNCH(dim3{3}, dim3{32}, validate_topk_rows, sel.data(), lens.data(), rows, ld, first_pos, &bad);
+    return bad == 0 ? -1 : rows - (int)bad;
+}
+
+static void check_validate() {
+    Rng rng(7);
+    const int rows = 7, ld = 70;
+    for (long long first_pos : {0LL, 5LL, 100LL, 3000000000LL}) {
+        // A valid relay: row r selects min(ld, first_pos + r + 1) positions up to its own.
+        std::vector<uint32_t> sel((size_t)rows * ld, 0xffffffffu);  // unused slots are ignored
+        std::vector<int> lens(rows);
+        for (int r = 0; r < rows; ++r) {
+            const long long pos = first_pos + r;
+            lens[r] = (int)std::min<long long>(ld, pos + 1);
+            for (int j = 0; j < lens[r]; ++j) sel[(size_t)r * ld + j] = (uint32_t)(pos - rng.below(lens[r]));
+            sel[(size_t)r * ld + lens[r] - 1] = (uint32_t)pos;  // the row's own position is allowed
+        }
+        CHECK(ref_first_bad(sel, lens, ld, first_pos) == -1, "validate: the valid case is invalid");
+        CHECK(run_validate(sel, lens, ld, first_pos) == -1, "validate first_pos=%lld: a valid relay was flagged", first_pos);
+        struct Bad { const char* what; int row; };
+        for (Bad b : {Bad{"past", 4}, Bad{"zero", 2}, Bad{"over", 6}, Bad{"negative", 0}, Bad{"past+zero", 5}}) {
+            auto s2 = sel;
+            auto l2 = lens;
+            const std::string w = b.what;
+            if (w == "past" || w == "past+zero") {
+                // The last used slot of the row, one past the row's own position.
+                s2[(size_t)b.row * ld + l2[b.row] - 1] = (uint32_t)(first_pos + b.row + 1);
+            }
+            if (w == "zero") l2[b.row] = 0;
+            if (w == "over") l2[b.row] = ld + 1;
+            if (w == "negative") l2[b.row] = -3;
+            if (w == "past+zero") l2[6] = 0;  // a later bad row: the first one is reported
+            const int want = ref_first_bad(s2, l2, ld, first_pos);
+            CHECK(want == b.row, "validate %s: reference says row %d", b.what, want);
+            const int got = run_validate(s2, l2, ld, first_pos);
+            CHECK(got == want, "validate %s first_pos=%lld: row %d vs %d", b.what, first_pos, got, want);
+        }
+    }
+    std::printf("validate: done\n");
+}
+
 // ---- indexer -----------------------------------------------------------------------------
 static void check_indexer() {
     Rng rng(2);
@@ -457,6 +514,7 @@ int main(int argc, char** argv) {
     auto want = [&](const char* n) { return only.empty() || only == n; };
     if (want("elementwise")) check_elementwise();
     if (want("topk")) check_topk();
+    if (want("validate")) check_validate();
     if (want("indexer")) check_indexer();
     if (want("attention")) check_attention();
     if (want("moe")) check_moe();

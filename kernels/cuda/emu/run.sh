@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA kernels for the CPU emulator (emu.h) and checks them against reference
 # semantics: a logic check that needs no GPU (timing and real-GPU numerics still need
-# scripts/gpu-check.sh). Usage: kernels/cuda/emu/run.sh [elementwise|topk|indexer|attention|moe|sampling|rows]
+# scripts/gpu-check.sh). Usage: kernels/cuda/emu/run.sh [elementwise|topk|validate|indexer|attention|moe|sampling|rows]
 set -euo pipefail
 cd "$(dirname "$0")"
 out="${TMPDIR:-/tmp}/indexrelay-cuda-emu"

@@ -12,6 +12,9 @@ const IX_BM: usize = 128;
 const IX_BN: usize = 128;
 const IX_THREADS: u32 = 256;
 const TK_THREADS: u32 = 512;
+/// Threads per row, and most blocks (rows are grid-strided), of `validate_topk_rows`.
+const VT_THREADS: u32 = 128;
+const VT_MAX_BLOCKS: usize = 65_535;
 /// Heads per attention block, and the attention limits of attention.cu.
 const AT_HEADS: usize = 16;
 const AT_THREADS: u32 = 128;
@@ -186,6 +189,40 @@ impl GpuKernels {
             .arg(out)
             .arg(out_len);
         launch(b, "topk_rows_f32", grid(int("rows", rows)? as u32, TK_THREADS))
+    }
+
+    /// Checks a relayed top-k selection (as received from another stage) before the attention
+    /// kernels index the KV cache with it: `lens.len()` rows of `ld` slots in `sel`, row r at
+    /// position `first_pos + r` (a segment's rows are consecutive positions), the first
+    /// `lens[r]` slots used. Row r is valid iff `1 <= lens[r] <= ld` and each used position is
+    /// at most `first_pos + r` (a row attends only to itself and earlier positions).
+    ///
+    /// Returns `None` when every row is valid, otherwise `Some` of the first invalid row.
+    /// Downloads a 4-byte flag, so it synchronizes the stream.
+    pub fn validate_topk_rows(
+        &self,
+        sel: &CudaView<u32>,
+        lens: &CudaView<i32>,
+        ld: usize,
+        first_pos: usize,
+    ) -> Result<Option<usize>> {
+        let rows = lens.len();
+        need("sel", sel.len(), rows * ld)?;
+        if rows == 0 {
+            return Ok(None);
+        }
+        let (rows_i, ld_i) = (int("rows", rows)?, int("ld", ld)?);
+        let first_i = i64::try_from(first_pos)
+            .map_err(|_| CudaError::invalid("first_pos", format!("{first_pos} exceeds {}", i64::MAX)))?;
+        // The kernel raises the flag to rows - r for each invalid row r (atomicMax), so it ends
+        // at 0 when all are valid and otherwise names the first invalid row, deterministically.
+        let mut bad = self.zeros::<u32>(1)?;
+        let mut b = self.builder("validate_topk_rows")?;
+        b.arg(sel).arg(lens).arg(&rows_i).arg(&ld_i).arg(&first_i).arg(&mut bad);
+        let blocks = rows.min(VT_MAX_BLOCKS) as u32;
+        launch(b, "validate_topk_rows", grid(blocks, VT_THREADS))?;
+        let bad = self.download(&bad)?[0] as usize;
+        Ok((bad != 0).then(|| rows.saturating_sub(bad)))
     }
 
     /// kernels::indexer_topk on the device: for each row, the `min(topk, t + 1)` best key

@@ -46,7 +46,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "topk.cu",
         code: include_str!("../../cuda/topk.cu"),
-        entries: &["topk_rows_f32"],
+        entries: &["topk_rows_f32", "validate_topk_rows"],
     },
     KernelSource {
         name: "attention.cu",

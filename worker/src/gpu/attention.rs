@@ -52,8 +52,8 @@ impl DevTopk {
     }
 
     /// Rows received from the previous stage for a segment starting at position `start`:
-    /// `sel` holds `rows × ld` positions, `lens` the `rows` counts (its shape checked by the
-    /// stage, its contents trusted: they come from that stage's indexer).
+    /// `sel` holds `rows × ld` positions, `lens` the `rows` counts (shape and values checked
+    /// by the stage: `GpuStage`'s `check_relay`).
     pub fn received(sel: CudaSlice<u32>, lens: CudaSlice<i32>, ld: usize, start: usize) -> Self {
         let rows = lens.len();
         DevTopk {

@@ -3,11 +3,14 @@
 //!
 //! Input rows arrive on the host (tokens, or hidden states and the compressed relay from the
 //! previous stage over gRPC) and are uploaded, or arrive on the device over the NCCL data
-//! plane, the relayed top-k rows with them; a middle stage downloads its output hidden states
-//! and relay for gRPC (the relay travels compressed in the request) or sends both over NCCL,
-//! device to device (the request then carries only their shapes, see
-//! `crate::stage::PeerInput`); the last stage keeps its hidden states on the device and brings
-//! back only the logits rows the sampler needs, as [`super::GpuBackend`] does for the engine.
+//! plane, the relayed top-k rows with them (their shapes checked on the host against the
+//! announcement, their values on the device by `validate_topk_rows` before any kernel indexes
+//! the KV cache with them: 1..=ld slots per row, no position past the row's own); a middle
+//! stage downloads its output hidden states and relay for gRPC (the relay travels compressed
+//! in the request) or sends both over NCCL, device to device (the request then carries only
+//! their shapes, see `crate::stage::PeerInput`); the last stage keeps its hidden states on the
+//! device and brings back only the logits rows the sampler needs, as [`super::GpuBackend`]
+//! does for the engine.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -138,6 +141,29 @@ impl GpuStage {
         Ok((hidden?, relays.into_iter().collect::<Result<_>>()?))
     }
 
+    /// Checks a received relay's values on the device before the attention kernels index the
+    /// KV cache with them: row r of a segment starting at `start` sits at position `start + r`,
+    /// so it must use 1..=ld slots, each selecting a position at most `start + r`. A bad relay
+    /// (a faulty or hostile peer) is invalid input naming its first bad row.
+    fn check_relay(&self, relay: &ReceivedRelay, start: usize) -> Result<()> {
+        let k = self.model.kernels();
+        let ld = relay.ld;
+        let Some(row) = dev(k.validate_topk_rows(&relay.sel.slice(..), &relay.lens.slice(..), ld, start))? else {
+            return Ok(());
+        };
+        let pos = start + row;
+        // The counts are small enough to bring back and name the fault; the positions are not.
+        let what = match dev(k.download(&relay.lens))?.get(row) {
+            Some(&n) if n >= 1 && n as usize <= ld => format!("a selected position exceeds the row's position {pos}"),
+            Some(&n) => format!("count {n} is outside 1..={ld}"),
+            None => format!("the row is past the {} received counts", relay.lens.len()),
+        };
+        Err(WorkerError::invalid(
+            "nccl.relays",
+            format!("segment {} row {row} (position {pos}): {what}", relay.segment),
+        ))
+    }
+
     /// Sends `hidden`, then each segment's relay in segment order, to the next stage over
     /// `link`; returns what was sent (the next stage's announcement).
     fn send_all(&self, hidden: CudaSlice<f32>, relay: Vec<Option<DevTopk>>, link: &PeerLink) -> Result<PeerInput> {
@@ -203,7 +229,8 @@ impl StageCompute for GpuStage {
             match received {
                 Err(host) => self.model.forward_host(cache, segments, patterns, host)?,
                 Ok((hidden, parts)) => {
-                    // The relays' shapes were checked against the batch (`PeerInput::check_relays`).
+                    // The relays' shapes were checked against the batch (`PeerInput::check_relays`);
+                    // their values are checked here, after every announced buffer was received.
                     let mut relays: Vec<Option<DevTopk>> = segments.iter().map(|_| None).collect();
                     for r in parts {
                         let i = r.segment;
@@ -213,6 +240,7 @@ impl StageCompute for GpuStage {
                                 format!("{i}: the batch has {} segments", segments.len()),
                             )
                         })?;
+                        self.check_relay(&r, segments[i].start)?;
                         *slot = Some(DevTopk::received(r.sel, r.lens, r.ld, segments[i].start));
                     }
                     self.model.forward_received(cache, segments, patterns, hidden, relays)?
