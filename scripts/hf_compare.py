@@ -11,7 +11,8 @@ the numbers side by side. It can also be run by hand:
 What it does
 ------------
 * Loads ``DIR`` with ``AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32,
-  attn_implementation="eager")``. The checkpoint uses the published per-expert tensor
+  attn_implementation="eager")`` (``--attn-implementation sdpa`` picks HF's default for
+  DSA models instead; both apply the indexer's selection as a dense mask). The checkpoint uses the published per-expert tensor
   naming (``mlp.experts.{j}.{gate,up,down}_proj.weight``); HF's loader converts it to its
   fused expert tensors. The experts implementation is HF's default unless
   ``--experts-implementation`` is given.
@@ -67,6 +68,12 @@ def parse_args(argv):
         help="with --mem-limit-gb: lower the cap so that this much of MemAvailable stays free",
     )
     p.add_argument("--experts-implementation", default=None, help="HF experts implementation (default: HF's)")
+    p.add_argument(
+        "--attn-implementation",
+        default="eager",
+        choices=["eager", "sdpa"],
+        help="HF attention implementation (eager, as the golden fixtures use; sdpa is HF's default for this model)",
+    )
     p.add_argument("--warmup-tokens", type=int, default=16, help="untimed forward over this many ids first (0: none)")
     return p.parse_args(argv)
 
@@ -164,7 +171,7 @@ def main(argv) -> int:
         "threads": torch.get_num_threads(),
         "context": args.context,
         "dtype": "float32",
-        "attn_implementation": "eager",
+        "attn_implementation": args.attn_implementation,
         "experts_implementation": args.experts_implementation or "default",
         "oom": False,
     }
@@ -179,7 +186,7 @@ def main(argv) -> int:
         ids = None
 
     t0 = time.perf_counter()
-    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    kwargs = dict(dtype=torch.float32, attn_implementation=args.attn_implementation)
     if args.experts_implementation:
         kwargs["experts_implementation"] = args.experts_implementation
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)

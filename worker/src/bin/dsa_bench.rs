@@ -158,6 +158,10 @@ struct RunArgs {
     /// Torch threads for HF.
     #[arg(long, default_value_t = 2)]
     hf_threads: usize,
+    /// HF attention implementation: `eager` (what the golden fixtures use) or `sdpa` (HF's
+    /// default for DSA models).
+    #[arg(long, default_value = "eager", value_parser = ["eager", "sdpa"])]
+    hf_attn: String,
     /// Contexts at which HF runs (comma-separated; each is also run by the engine, all-Full).
     #[arg(long, value_delimiter = ',', default_value = "4096")]
     hf_contexts: Vec<usize>,
@@ -657,6 +661,9 @@ struct HfResult {
     /// Experts implementation used.
     #[serde(default)]
     experts_implementation: String,
+    /// Attention implementation used.
+    #[serde(default)]
+    attn_implementation: String,
     /// Load time.
     #[serde(default)]
     load_seconds: f64,
@@ -706,7 +713,9 @@ fn run_hf(
         .arg("--context")
         .arg(context.to_string())
         .arg("--threads")
-        .arg(r.hf_threads.to_string());
+        .arg(r.hf_threads.to_string())
+        .arg("--attn-implementation")
+        .arg(&r.hf_attn);
     if let Some(p) = logits {
         cmd.arg("--logits-out").arg(p);
     }
@@ -1271,9 +1280,9 @@ fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), Child
     println!("\n### Engine vs HF transformers (same checkpoint and prompt ids, all-Full, f32, CPU)\n");
     if let Some(h) = report.hf.first() {
         println!(
-            "HF: transformers {}, eager attention, experts `{}`, {} torch threads, one no-cache forward with \
+            "HF: transformers {}, {} attention, experts `{}`, {} torch threads, one no-cache forward with \
              logits_to_keep=1. Engine: chunked prefill + last-row logits.\n",
-            h.transformers, h.experts_implementation, h.threads
+            h.transformers, h.attn_implementation, h.experts_implementation, h.threads
         );
     }
     println!(
