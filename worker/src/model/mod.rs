@@ -371,8 +371,8 @@ impl Model {
             let full_segs: Vec<bool> = patterns.iter().map(|p| p.is_full(global)).collect();
             stats.full += usize::from(full_segs.iter().any(|f| *f));
             stats.shared += usize::from(full_segs.iter().any(|f| !*f));
-            match (prune, &kept) {
-                (Some(keep), None) if global == n_layers - 1 => {
+            match prune {
+                Some(keep) if global == n_layers - 1 => {
                     let mut x = vec![0.0; rows * d];
                     kernels::rms_norm(&hidden, &layer.input_norm, self.cfg.rms_norm_eps, &mut x);
                     self.fill_layer_cache(li, ix, &x, segments, patterns, cache, &mut stats)?;
