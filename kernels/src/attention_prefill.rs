@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use crate::linear::{gemm_strided, matmul_t, Strided};
+use crate::linear::{gemm_strided, matmul_t, Product, Strided};
 use crate::simd::{multiversion, Simd};
 
 /// Query rows per block: the M of the score and value GEMMs.
@@ -25,6 +25,14 @@ const ROW_BLOCK: usize = 128;
 /// Keys per tile: a tile's expanded keys (heads × (nope + v) floats each) are computed once
 /// and shared by every row block; 256 keys × 16 heads × 256 floats are 4 MiB.
 const KEY_TILE: usize = 256;
+
+/// Rows per score/value GEMM call: `gemm` packs the key-side operand once the other side
+/// is wider than 8 micro-kernel columns of 6, so at most 48 rows keep it reading the keys
+/// and values in place.
+const GEMM_ROWS: usize = 48;
+
+/// Padding of the transposed keys' row stride, so consecutive rows do not alias in L1.
+const KEY_PAD: usize = 16;
 
 /// Below this `x - max` the exponential is flushed to zero: `exp(-86)` is 4e-38, near the
 /// smallest normal `f32`, and the exponent-bit trick below must not leave the normal range.
@@ -214,22 +222,34 @@ pub fn mla_prefill_attention(inp: &MlaPrefillInputs<'_>, out: &mut [f32]) {
         }
         let e = &mut expanded[..n * h * dkv];
         matmul_t(&ckv[..n * r], inp.kv_b, e, n, r, h * dkv);
-        // Regroup per head so each GEMM reads one contiguous operand: keys [nope | rope]
-        // (the rope key is shared by every head) and values.
-        keys.resize(h * n * dq, 0.0);
-        values.resize(h * n * dv, 0.0);
-        keys.par_chunks_mut(n * dq)
-            .zip(values.par_chunks_mut(n * dv))
+        // Regroup per head into the layouts the GEMMs read without packing: keys
+        // transposed, dq × n ([nope | rope] down the rows, the rope key shared by every
+        // head), so a key's scores for consecutive keys are contiguous; values n × dv.
+        let ks = n + KEY_PAD;
+        keys.resize(h * ks * dq, 0.0);
+        let vs = dv + KEY_PAD;
+        values.resize(h * n * vs, 0.0);
+        keys.par_chunks_mut(ks * dq)
+            .zip(values.par_chunks_mut(n * vs))
             .enumerate()
             .for_each(|(head, (k, v))| {
                 for j in 0..n {
                     let src = &e[(j * h + head) * dkv..][..dkv];
-                    k[j * dq..][..d.nope_dim].copy_from_slice(&src[..d.nope_dim]);
-                    k[j * dq + d.nope_dim..][..d.rope_dim].copy_from_slice(&kpe[j * d.rope_dim..][..d.rope_dim]);
-                    v[j * dv..][..dv].copy_from_slice(&src[d.nope_dim..]);
+                    for (c, &x) in src[..d.nope_dim].iter().enumerate() {
+                        k[c * ks + j] = x;
+                    }
+                    for (c, &x) in kpe[j * d.rope_dim..][..d.rope_dim].iter().enumerate() {
+                        k[(d.nope_dim + c) * ks + j] = x;
+                    }
+                    v[j * vs..][..dv].copy_from_slice(&src[d.nope_dim..]);
                 }
             });
-        let (keys, values) = (&keys[..h * n * dq], &values[..h * n * dv]);
+        let ops = TileOperands {
+            keys: &keys[..h * ks * dq],
+            values: &values[..h * n * vs],
+            key_stride: ks,
+            value_stride: vs,
+        };
         out.par_chunks_mut(ROW_BLOCK * h * dv)
             .zip(max.par_chunks_mut(ROW_BLOCK * h))
             .zip(denom.par_chunks_mut(ROW_BLOCK * h))
@@ -242,7 +262,7 @@ pub fn mla_prefill_attention(inp: &MlaPrefillInputs<'_>, out: &mut [f32]) {
                     denom,
                     cursor,
                 };
-                block_tile(inp, b, tile, (keys, values), &mut st, scratch);
+                block_tile(inp, b, tile, &ops, &mut st, scratch);
             });
     }
     out.par_chunks_mut(dv).zip(denom.par_iter()).for_each(|(o, &l)| {
@@ -258,17 +278,32 @@ struct Scratch {
     /// rows × keys scores, then probabilities.
     scores: Vec<f32>,
     /// rows × keys: 0 where the row selected the key, -inf where it did not (added to the
-    /// logits, which keeps the softmax loop free of branches).
+    /// logits, which keeps the softmax loop free of branches). Only rows without a prefix
+    /// use theirs.
     mask: Vec<f32>,
+    /// Per row, `Some(n)` when the row selected exactly the tile's first `n` keys.
+    prefix: Vec<Option<usize>>,
 }
 
-/// Adds key tile `tile` to row block `b`: `keys` is heads × tile × (nope + rope), `values`
-/// heads × tile × v_dim.
+/// One key tile's expanded keys and values, per head, in the layouts the GEMMs read in
+/// place.
+struct TileOperands<'a> {
+    /// Per head, (nope + rope) rows of `key_stride` floats: the tile's keys transposed.
+    keys: &'a [f32],
+    /// Per head, one row of `value_stride` floats per key (v_dim used).
+    values: &'a [f32],
+    /// Row stride of the transposed keys: the tile's length plus [`KEY_PAD`].
+    key_stride: usize,
+    /// Row stride of the values: v_dim plus [`KEY_PAD`].
+    value_stride: usize,
+}
+
+/// Adds key tile `tile` to row block `b`.
 fn block_tile(
     inp: &MlaPrefillInputs<'_>,
     b: usize,
     tile: &[u32],
-    (keys, values): (&[f32], &[f32]),
+    ops: &TileOperands<'_>,
     st: &mut BlockState<'_>,
     scratch: &mut Scratch,
 ) {
@@ -283,13 +318,38 @@ fn block_tile(
     if nk == 0 {
         return;
     }
+    // Per row, how its selection meets this tile: a row that selected every key up to
+    // its own (all rows before `index_topk`) takes a prefix of the tile and needs no mask.
+    scratch.prefix.clear();
     scratch.mask.clear();
     scratch.mask.resize(rows * nk, f32::NEG_INFINITY);
+    let keys_here = &tile[..nk];
+    let contiguous = keys_here[nk - 1] - keys_here[0] == (nk - 1) as u32;
     let mut any = false;
     for (i, cur) in st.cursor.iter_mut().enumerate() {
         let sel = &inp.selected[row0 + i];
+        let last = *sel.last().expect("a row selects at least one key");
+        if sel.len() == last as usize + 1 {
+            let valid = keys_here.partition_point(|&p| p <= last);
+            scratch.prefix.push(Some(valid));
+            any |= valid > 0;
+            continue;
+        }
+        scratch.prefix.push(None);
         let mask = &mut scratch.mask[i * nk..][..nk];
-        for (m, &p) in mask.iter_mut().zip(&tile[..nk]) {
+        if contiguous {
+            // The tile's keys are consecutive positions: a selected position's slot is
+            // its offset from the first.
+            let lo = *cur + sel[*cur..].partition_point(|&p| p < keys_here[0]);
+            let hi = lo + sel[lo..].partition_point(|&p| p <= keys_here[nk - 1]);
+            for &p in &sel[lo..hi] {
+                mask[(p - keys_here[0]) as usize] = 0.0;
+            }
+            any |= hi > lo;
+            *cur = hi;
+            continue;
+        }
+        for (m, &p) in mask.iter_mut().zip(keys_here) {
             while *cur < sel.len() && sel[*cur] < p {
                 *cur += 1;
             }
@@ -305,78 +365,96 @@ fn block_tile(
     let s = &mut scratch.scores[..rows * nk];
     let q = &inp.q[row0 * h * dq..(row0 + rows) * h * dq];
     for head in 0..h {
-        // Scores: rows × dq queries against the tile's first nk keys (row-major nk × dq,
-        // read as the dq × nk right-hand side).
-        gemm_strided(
-            s,
-            Strided::rows(nk),
-            &q[head * dq..],
-            Strided::rows(h * dq),
-            &keys[head * n * dq..],
-            Strided::cols(dq),
-            (rows, nk, dq),
-            false,
-        );
+        // Scores: rows × dq queries against the tile's first nk keys (dq × n, row-major).
+        // At most GEMM_ROWS rows per call: `gemm` then reads the keys in place instead of
+        // packing them again for every row block.
+        for r0 in (0..rows).step_by(GEMM_ROWS) {
+            let rs = GEMM_ROWS.min(rows - r0);
+            gemm_strided(
+                &mut s[r0 * nk..],
+                Strided::rows(nk),
+                &q[r0 * h * dq + head * dq..],
+                Strided::rows(h * dq),
+                &ops.keys[head * ops.key_stride * dq..],
+                Strided::rows(ops.key_stride),
+                (rs, nk, dq),
+                Product::Overwrite(inp.scale),
+            );
+        }
         for i in 0..rows {
             let at = i * h + head;
-            let corr = softmax_tile(
-                &mut s[i * nk..][..nk],
-                &scratch.mask[i * nk..][..nk],
-                inp.scale,
-                &mut st.max[at],
-                &mut st.denom[at],
-            );
+            let row = &mut s[i * nk..][..nk];
+            let corr = match scratch.prefix[i] {
+                Some(valid) => {
+                    row[valid..].fill(0.0);
+                    softmax_tile(&mut row[..valid], None, &mut st.max[at], &mut st.denom[at])
+                }
+                None => softmax_tile(
+                    row,
+                    Some(&scratch.mask[i * nk..][..nk]),
+                    &mut st.max[at],
+                    &mut st.denom[at],
+                ),
+            };
             if corr != 1.0 {
                 st.out[at * dv..][..dv].iter_mut().for_each(|v| *v *= corr);
             }
         }
         // Values: out[i, head] += Σ_j p[i, j] · v_head[j].
-        gemm_strided(
-            &mut st.out[head * dv..],
-            Strided::rows(h * dv),
-            s,
-            Strided::rows(nk),
-            &values[head * n * dv..],
-            Strided::rows(dv),
-            (rows, dv, nk),
-            true,
-        );
+        for r0 in (0..rows).step_by(GEMM_ROWS) {
+            let rs = GEMM_ROWS.min(rows - r0);
+            gemm_strided(
+                &mut st.out[r0 * h * dv + head * dv..],
+                Strided::rows(h * dv),
+                &s[r0 * nk..],
+                Strided::rows(nk),
+                &ops.values[head * n * ops.value_stride..],
+                Strided::rows(ops.value_stride),
+                (rs, dv, nk),
+                Product::Accumulate,
+            );
+        }
     }
 }
 
 multiversion! {
-    /// Turns one row's raw scores into probabilities under the running maximum `max`
-    /// (updated), adds their sum to `denom` (after rescaling it), and returns the factor
-    /// the row's accumulated output must be multiplied by.
-    fn softmax_tile(s: &mut [f32], mask: &[f32], scale: f32, max: &mut f32, denom: &mut f32) -> f32
+    /// Turns one row's scaled scores (plus `mask`, 0 or -inf per key, when given) into
+    /// probabilities under the running maximum `max` (updated), adds their sum to `denom`
+    /// (after rescaling it), and returns the factor the row's accumulated output must be
+    /// multiplied by.
+    fn softmax_tile(s: &mut [f32], mask: Option<&[f32]>, max: &mut f32, denom: &mut f32) -> f32
         => softmax_tile_impl
 }
 
 #[inline(always)]
-fn softmax_tile_impl<S: Simd>(
-    _s: S,
-    scores: &mut [f32],
-    mask: &[f32],
-    scale: f32,
-    max: &mut f32,
-    denom: &mut f32,
-) -> f32 {
+fn softmax_tile_impl<S: Simd>(_s: S, scores: &mut [f32], mask: Option<&[f32]>, max: &mut f32, denom: &mut f32) -> f32 {
     // Lane arrays keep the reductions vectorizable (no reassociation of one scalar chain).
     const L: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; L];
-    let mut chunks = scores.chunks_exact_mut(L).zip(mask.chunks_exact(L));
-    for (c, m) in &mut chunks {
-        for i in 0..L {
-            c[i] = c[i] * scale + m[i];
-            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+    let tail = scores.len() / L * L;
+    let mut tile_max = f32::NEG_INFINITY;
+    if let Some(mask) = mask {
+        for (c, m) in scores.chunks_exact_mut(L).zip(mask.chunks_exact(L)) {
+            for i in 0..L {
+                c[i] += m[i];
+                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+            }
+        }
+        for (c, &m) in scores[tail..].iter_mut().zip(&mask[tail..]) {
+            *c += m;
+            tile_max = tile_max.max(*c);
+        }
+    } else {
+        for c in scores.chunks_exact(L) {
+            for i in 0..L {
+                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+            }
+        }
+        for &c in &scores[tail..] {
+            tile_max = tile_max.max(c);
         }
     }
-    let tail = scores.len() / L * L;
-    let mut tile_max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    for (c, &m) in scores[tail..].iter_mut().zip(&mask[tail..]) {
-        *c = *c * scale + m;
-        tile_max = tile_max.max(*c);
-    }
+    let tile_max = lanes.iter().fold(tile_max, |a, &b| a.max(b));
     let new_max = max.max(tile_max);
     if new_max == f32::NEG_INFINITY {
         // Nothing selected yet, here or before: probabilities 0, nothing to rescale.
@@ -420,18 +498,20 @@ fn exp_nonpositive(x: f32) -> f32 {
     // two's-complement integer, read off with a bit cast. Plain adds and bit casts
     // vectorize; `round()` and the saturating `as i32` do not.
     const SHIFTER: f32 = 12_582_912.0;
-    let t = x * LOG2E + SHIFTER;
+    // `mul_add` is one FMA instruction in the AVX2 and AVX-512 builds of the callers (on the
+    // portable path a slower library call); Rust never contracts `a * b + c` by itself.
+    let t = x.mul_add(LOG2E, SHIFTER);
     let n = t - SHIFTER;
     let n_int = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     // Taylor coefficients 1/k!; on |r| <= 0.347 the truncation error is below 1e-7.
-    let p = 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
+    let p: f32 = 1.0 / 720.0;
+    let p = p.mul_add(r, 1.0 / 120.0);
+    let p = p.mul_add(r, 1.0 / 24.0);
+    let p = p.mul_add(r, 1.0 / 6.0);
+    let p = p.mul_add(r, 0.5);
+    let p = p.mul_add(r, 1.0);
+    let p = p.mul_add(r, 1.0);
     let bits = (p.to_bits() as i32).wrapping_add(n_int << 23);
     let v = f32::from_bits(bits as u32);
     if flush {

@@ -169,6 +169,34 @@ fn first_rows_of_a_prompt() {
 }
 
 #[test]
+fn sparse_rows_whose_keys_leave_gaps() {
+    // 20 rows picking 9 of 500+ earlier keys: the union has gaps, so the tiles below the
+    // rows' own positions are not consecutive positions.
+    let c = Case {
+        dims: dims(2, 16, 8, 4, 8),
+        block_size: 8,
+        rows: 20,
+        selection: Selection::Sparse { start: 500, k: 10 },
+        scale: 0.7,
+    };
+    run_case(&c, 6);
+}
+
+#[test]
+fn dense_and_sparse_rows_in_one_block() {
+    // Rows 0..40 select every key up to themselves (a prefix of each tile), the rest 40
+    // random ones: both kinds share a row block and its tiles.
+    let c = Case {
+        dims: dims(3, 16, 8, 4, 8),
+        block_size: 16,
+        rows: 100,
+        selection: Selection::Sparse { start: 0, k: 40 },
+        scale: 0.8,
+    };
+    run_case(&c, 7);
+}
+
+#[test]
 fn every_isa_matches_reference() {
     let c = Case {
         dims: dims(3, 17, 5, 3, 7),

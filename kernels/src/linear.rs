@@ -120,23 +120,24 @@ impl Strided {
         }
     }
 
-    /// Column-major with `col_stride` elements per column (a transposed row-major matrix).
-    pub(crate) fn cols(col_stride: usize) -> Self {
-        Strided {
-            row_stride: 1,
-            col_stride,
-        }
-    }
-
     /// Smallest slice length that holds a `rows × cols` view.
     fn span(self, rows: usize, cols: usize) -> usize {
         (rows - 1) * self.row_stride + (cols - 1) * self.col_stride + 1
     }
 }
 
-/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]` on the calling thread, every operand a strided view
-/// into a slice (so per-head slices of interleaved activations need no copies). With
-/// `accumulate` the product is added to `dst`, otherwise `dst` is overwritten.
+/// What [`gemm_strided`] does with its product.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Product {
+    /// `dst = factor · lhs · rhs`.
+    Overwrite(f32),
+    /// `dst += lhs · rhs`.
+    Accumulate,
+}
+
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]` (scaled, or added to `dst`: see [`Product`]) on the
+/// calling thread, every operand a strided view into a slice (so per-head slices of
+/// interleaved activations need no copies).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_strided(
     dst: &mut [f32],
@@ -146,8 +147,12 @@ pub(crate) fn gemm_strided(
     rhs: &[f32],
     rhs_v: Strided,
     (m, n, k): (usize, usize, usize),
-    accumulate: bool,
+    product: Product,
 ) {
+    let (accumulate, factor) = match product {
+        Product::Overwrite(f) => (false, f),
+        Product::Accumulate => (true, 1.0),
+    };
     if m == 0 || n == 0 {
         return;
     }
@@ -184,7 +189,7 @@ pub(crate) fn gemm_strided(
             rhs_v.col_stride as isize,
             rhs_v.row_stride as isize,
             if accumulate { 1.0f32 } else { 0.0f32 },
-            1.0f32,
+            factor,
             false,
             false,
             false,

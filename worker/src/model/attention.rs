@@ -51,6 +51,16 @@ fn rope_rows(x: &mut [f32], width: usize, offset: usize, dim: usize, cos: &[f32]
     }
 }
 
+/// Wall time of a pass's attention parts, summed over its layers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnSeconds {
+    /// The lightning indexer: projections, key writes, scoring, top-k.
+    pub indexer: f64,
+    /// Attention over the selected keys (either form), from the rotated queries and the
+    /// selections to the per-head outputs, before `o_proj`.
+    pub core: f64,
+}
+
 /// Runs the layer's attention over all rows; updates `topk` on Full layers.
 pub fn forward(
     ctx: &AttnCtx<'_>,
@@ -59,7 +69,7 @@ pub fn forward(
     segments: &[Segment],
     topk: &mut [Option<TopkRows>],
     cache: &mut KvCache,
-    indexer_seconds: &mut f64,
+    seconds: &mut AttnSeconds,
 ) -> Result<Vec<f32>> {
     let c = ctx.cfg;
     let rows: usize = segments.iter().map(|s| s.len).sum();
@@ -85,7 +95,7 @@ pub fn forward(
     if let Some(ix) = &w.indexer {
         let t0 = std::time::Instant::now();
         run_indexer(ctx, ix, x, &qr, segments, topk, cache)?;
-        *indexer_seconds += t0.elapsed().as_secs_f64();
+        seconds.indexer += t0.elapsed().as_secs_f64();
     } else {
         for (s, t) in segments.iter().zip(topk.iter()) {
             let ok = t.as_ref().is_some_and(|t| t.len() == s.len);
@@ -104,6 +114,7 @@ pub fn forward(
     // Each segment runs in the cheaper of the two forms for its selection (module docs of
     // `kernels::attention_prefill`): a prefill chunk usually expanded, a decode row absorbed.
     let form = MlaForm::from_env();
+    let t0 = std::time::Instant::now();
     let mut v = vec![0.0; rows * h * dv];
     let mut absorbed = Vec::new();
     let mut row = 0;
@@ -132,6 +143,7 @@ pub fn forward(
     if !absorbed.is_empty() {
         absorbed_attention(ctx, w, &q, &absorbed, cache, &mut v)?;
     }
+    seconds.core += t0.elapsed().as_secs_f64();
     Ok(w.o.forward(&v, rows))
 }
 
@@ -144,13 +156,13 @@ pub fn fill_cache(
     x: &[f32],
     segments: &[Segment],
     cache: &mut KvCache,
-    indexer_seconds: &mut f64,
+    seconds: &mut AttnSeconds,
 ) -> Result<()> {
     write_latents(ctx, w, x, segments, cache)?;
     if let Some(ix) = &w.indexer {
         let t0 = std::time::Instant::now();
         write_index_keys(ctx, ix, x, segments, cache)?;
-        *indexer_seconds += t0.elapsed().as_secs_f64();
+        seconds.indexer += t0.elapsed().as_secs_f64();
     }
     Ok(())
 }

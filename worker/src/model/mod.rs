@@ -91,6 +91,9 @@ pub struct StageOutput {
     pub shared_layers_run: usize,
     /// Wall time spent in the lightning indexer (projections, scoring, top-k).
     pub indexer_seconds: f64,
+    /// Wall time spent in attention over the selected keys (see
+    /// [`attention::AttnSeconds::core`]).
+    pub attention_seconds: f64,
 }
 
 /// The model restricted to one layer range.
@@ -412,7 +415,8 @@ impl Model {
             relay,
             full_layers_run: stats.full,
             shared_layers_run: stats.shared,
-            indexer_seconds: stats.indexer_seconds,
+            indexer_seconds: stats.seconds.indexer,
+            attention_seconds: stats.seconds.core,
         })
     }
 
@@ -427,7 +431,7 @@ impl Model {
     }
 
     /// One decoder layer over the batch: attention (each segment Full or Shared under its
-    /// pattern) and MLP, added into `hidden`; adds the indexer's time to `stats`.
+    /// pattern) and MLP, added into `hidden`; adds its attention times to `stats`.
     #[allow(clippy::too_many_arguments)]
     fn run_layer(
         &self,
@@ -449,7 +453,7 @@ impl Model {
         let ctx = self.attn_ctx(li);
         let full_segs: Vec<bool> = patterns.iter().map(|p| p.is_full(global)).collect();
         let first = full_segs.first().copied().unwrap_or(false);
-        let seconds = &mut stats.indexer_seconds;
+        let seconds = &mut stats.seconds;
         let attn = if full_segs.iter().all(|f| *f == first) {
             let view = layer.attn.view(if first { indexer.clone() } else { None });
             attention::forward(&ctx, &view, &x, segments, topk, cache, seconds)?
@@ -494,7 +498,7 @@ impl Model {
         let ctx = self.attn_ctx(li);
         let global = self.range.start + li;
         let full_segs: Vec<bool> = patterns.iter().map(|p| p.is_full(global)).collect();
-        let seconds = &mut stats.indexer_seconds;
+        let seconds = &mut stats.seconds;
         if full_segs.iter().all(|f| *f == full_segs[0]) {
             let view = layer.attn.view(if full_segs[0] { indexer.clone() } else { None });
             return attention::fill_cache(&ctx, &view, x, segments, cache, seconds);
@@ -559,7 +563,7 @@ impl Model {
 struct LayerStats {
     full: usize,
     shared: usize,
-    indexer_seconds: f64,
+    seconds: attention::AttnSeconds,
 }
 
 fn add_in_place(acc: &mut [f32], x: &[f32]) {
