@@ -19,6 +19,8 @@
 //! - With `--hf`: the same checkpoint and prompt ids through HF transformers on CPU
 //!   (`scripts/hf_compare.py`, run as a child process), its prefill time and peak RSS next
 //!   to the engine's, and the largest absolute difference of the last position's logits.
+//!   `--hf-repeats N` runs HF after each of the first N rounds of engine runs and compares
+//!   fastest with fastest, so a drifting host slows both sides alike.
 //!   `--hf-oom-context` additionally tries HF at a longer context under an address-space
 //!   limit and reports whether it ran out of memory.
 //!
@@ -176,6 +178,11 @@ struct RunArgs {
     /// Run every engine configuration this many times (interleaved) and keep the fastest.
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+    /// Run HF this many times per `--hf-contexts` entry (at most `--repeats`), each right
+    /// after one round of engine runs so both sides see the same drift of a shared host;
+    /// the fastest HF run is compared with the fastest engine run.
+    #[arg(long, default_value_t = 1)]
+    hf_repeats: usize,
     /// Before each engine run, wait until other processes use less than this many cores
     /// (averaged over 5 s), so that the runs see an otherwise idle machine (0: don't wait).
     #[arg(long, default_value_t = 0.25)]
@@ -844,7 +851,10 @@ impl FlopModel {
 struct Report {
     machine: BTreeMap<String, String>,
     runs: Vec<(String, ChildResult)>,
+    /// Per HF context, its fastest run.
     hf: Vec<HfResult>,
+    /// Per HF context, every run's prefill seconds.
+    hf_every_run: Vec<(usize, Vec<f64>)>,
     hf_logits_max_abs_diff: Vec<(usize, f64, f64)>,
     hf_oom: Option<HfResult>,
 }
@@ -978,12 +988,32 @@ fn orchestrate(r: &RunArgs) -> Result<()> {
         }
     }
     jobs.sort();
+    if r.hf && r.hf_repeats > r.repeats.max(1) {
+        bail!(
+            "--hf-repeats is {} but must be at most --repeats ({}): each HF run follows one round of engine runs",
+            r.hf_repeats,
+            r.repeats.max(1)
+        );
+    }
     let mut all: BTreeMap<(usize, usize), Vec<ChildResult>> = BTreeMap::new();
+    let mut hf_runs: BTreeMap<usize, Vec<HfResult>> = BTreeMap::new();
     for round in 0..r.repeats.max(1) {
         for &(c, pi) in &jobs {
             let res = run_engine(r, &patterns[pi], c, &model_dir, &prompt_path, &work, round)?;
             report.runs.push((patterns[pi].label.clone(), res.clone()));
             all.entry((c, pi)).or_default().push(res);
+        }
+        if r.hf && round < r.hf_repeats.max(1) {
+            for &c in &r.hf_contexts {
+                if r.quiet_below > 0.0 {
+                    wait_for_quiet(r.quiet_below, r.quiet_max_wait);
+                }
+                eprintln!("hf: context {c}, round {} ...", round + 1);
+                let hf_logits = work.join(format!("hf_logits_{c}.f32"));
+                let hf = run_hf(r, &model_dir, &prompt_path, c, Some(&hf_logits), 0.0)?;
+                eprintln!("  HF prefill {:.2}s", hf.prefill_seconds.unwrap_or(f64::NAN));
+                hf_runs.entry(c).or_default().push(hf);
+            }
         }
     }
     // Other load on the machine only ever slows a run down: keep each configuration's best.
@@ -1004,13 +1034,15 @@ fn orchestrate(r: &RunArgs) -> Result<()> {
 
     if r.hf {
         let fi = full_idx.unwrap_or(0);
-        for &c in &r.hf_contexts {
-            if r.quiet_below > 0.0 {
-                wait_for_quiet(r.quiet_below, r.quiet_max_wait);
-            }
-            eprintln!("hf: context {c} ...");
+        for (&c, runs) in &hf_runs {
             let hf_logits = work.join(format!("hf_logits_{c}.f32"));
-            let hf = run_hf(r, &model_dir, &prompt_path, c, Some(&hf_logits), 0.0)?;
+            let seconds = |h: &HfResult| h.prefill_seconds.unwrap_or(f64::INFINITY);
+            let hf = runs
+                .iter()
+                .min_by(|a, b| seconds(a).total_cmp(&seconds(b)))
+                .cloned()
+                .context("no HF run")?;
+            report.hf_every_run.push((c, runs.iter().map(seconds).collect()));
             let eng = read_f32(&work.join(format!("engine_logits_{c}.f32")))?;
             let hfl = read_f32(&hf_logits)?;
             let diff = eng.iter().zip(&hfl).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -1317,6 +1349,13 @@ fn print_hf(report: &Report, fi: usize, results: &BTreeMap<(usize, usize), Child
             scale,
             if h.argmax == Some(e.first_token) { "yes" } else { "no" }
         );
+    }
+    if report.hf_every_run.iter().any(|(_, v)| v.len() > 1) {
+        println!("\nEvery HF run's prefill seconds (each after one round of engine runs; the fastest is compared):\n");
+        for (c, v) in &report.hf_every_run {
+            let times: Vec<String> = v.iter().map(|t| format!("{t:.2}")).collect();
+            println!("- {c}: {}", times.join(", "));
+        }
     }
     if let Some(o) = &report.hf_oom {
         let limit = o
