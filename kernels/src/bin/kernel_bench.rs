@@ -271,11 +271,14 @@ fn bench_prefill_attention(rows: usize, start: usize, topk: usize, vs_absorbed: 
     };
     let mut out_abs = vec![0.0f32; rows * h * r];
     let t_abs = best(2, || sparse_mla_attention(black_box(&abs), &mut out_abs));
+    // What `EXPANDED_MAC_COST` would have to be for the cost model to price both forms as
+    // they ran here: seconds per expanded multiply-add over seconds per absorbed one.
+    let mac_cost = (t_exp / macs.expanded) / (t_abs / macs.absorbed);
     row(
         &format!("{name} expanded"),
         t_exp,
         2.0 * macs.expanded,
-        &format!("{:.2}x absorbed kernel", t_abs / t_exp),
+        &format!("{:.2}x absorbed kernel; MAC cost ratio {mac_cost:.2}", t_abs / t_exp),
     );
     row(
         &format!("{name} absorbed"),
@@ -323,6 +326,13 @@ fn main() {
         bench_prefill_attention(512, 1536, 2048, true);
         bench_prefill_attention(512, 3584, 2048, true);
         bench_prefill_attention(256, 16128, 2048, true);
+    }
+    if on("crossover") {
+        // Mid-chunk rows of a 16K prompt's chunks 2-4 (random top-2048 selections): where
+        // the engine's cost model switches from the expanded form to the absorbed one.
+        for start in [6144, 10240, 14336] {
+            bench_prefill_attention(512, start, 2048, true);
+        }
     }
     if on("chunk") {
         // The whole first chunk of a 4K prompt, as `dsa_bench --chunk 4096` runs it.
