@@ -108,13 +108,42 @@ impl MlaKeyPlan {
     /// Plans `selected` (per row, sorted ascending, non-empty).
     pub fn new(selected: &[Vec<u32>]) -> Self {
         let last = selected.iter().filter_map(|s| s.last()).copied().max();
-        let mut seen = vec![false; last.map_or(0, |l| l as usize + 1)];
-        for row in selected {
-            for &p in row {
-                seen[p as usize] = true;
-            }
-        }
-        let union = (0..seen.len() as u32).filter(|&p| seen[p as usize]).collect();
+        let n = last.map_or(0, |l| l as usize + 1);
+        // A row that selected every position up to its last (all rows before `index_topk`)
+        // only extends the covered prefix; the others are marked, a part of the rows per
+        // task, and the parts' marks merged.
+        let prefix = selected
+            .iter()
+            .filter_map(|s| s.last().filter(|&&l| s.len() == l as usize + 1))
+            .map(|&l| l as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let seen = selected
+            .par_chunks(ROW_BLOCK)
+            .fold(
+                || vec![false; n],
+                |mut seen, rows| {
+                    for row in rows
+                        .iter()
+                        .filter(|s| s.last().is_some_and(|&l| s.len() != l as usize + 1))
+                    {
+                        for &p in row {
+                            seen[p as usize] = true;
+                        }
+                    }
+                    seen
+                },
+            )
+            .reduce(
+                || vec![false; n],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a |= b);
+                    a
+                },
+            );
+        let union = (0..n as u32)
+            .filter(|&p| (p as usize) < prefix || seen[p as usize])
+            .collect();
         let block_last = selected
             .chunks(ROW_BLOCK)
             .map(|b| b.iter().filter_map(|s| s.last()).copied().max().unwrap_or(0))
@@ -279,10 +308,12 @@ struct Scratch {
     scores: Vec<f32>,
     /// rows × keys: 0 where the row selected the key, -inf where it did not (added to the
     /// logits, which keeps the softmax loop free of branches). Only rows without a prefix
-    /// use theirs.
+    /// write and use theirs; the others' slots hold whatever an earlier tile left.
     mask: Vec<f32>,
     /// Per row, `Some(n)` when the row selected exactly the tile's first `n` keys.
     prefix: Vec<Option<usize>>,
+    /// Per group of [`GEMM_ROWS`] rows, how many of the tile's keys its GEMMs cover.
+    group_keys: Vec<usize>,
 }
 
 /// One key tile's expanded keys and values, per head, in the layouts the GEMMs read in
@@ -321,8 +352,10 @@ fn block_tile(
     // Per row, how its selection meets this tile: a row that selected every key up to
     // its own (all rows before `index_topk`) takes a prefix of the tile and needs no mask.
     scratch.prefix.clear();
-    scratch.mask.clear();
-    scratch.mask.resize(rows * nk, f32::NEG_INFINITY);
+    // Only masked rows write (and later read) their part of the mask.
+    if scratch.mask.len() < rows * nk {
+        scratch.mask.resize(rows * nk, f32::NEG_INFINITY);
+    }
     let keys_here = &tile[..nk];
     let contiguous = keys_here[nk - 1] - keys_here[0] == (nk - 1) as u32;
     let mut any = false;
@@ -340,6 +373,7 @@ fn block_tile(
         if contiguous {
             // The tile's keys are consecutive positions: a selected position's slot is
             // its offset from the first.
+            mask.fill(f32::NEG_INFINITY);
             let lo = *cur + sel[*cur..].partition_point(|&p| p < keys_here[0]);
             let hi = lo + sel[lo..].partition_point(|&p| p <= keys_here[nk - 1]);
             for &p in &sel[lo..hi] {
@@ -361,15 +395,30 @@ fn block_tile(
     if !any {
         return;
     }
+    // Each GEMM group of rows stops at its own last selected key: on the causal diagonal
+    // that is up to a block's worth of keys fewer than the block's.
+    scratch.group_keys.clear();
+    scratch.group_keys.extend((0..rows).step_by(GEMM_ROWS).map(|r0| {
+        let last = (r0..rows.min(r0 + GEMM_ROWS))
+            .filter_map(|i| inp.selected[row0 + i].last())
+            .copied()
+            .max()
+            .unwrap_or(0);
+        keys_here.partition_point(|&p| p <= last)
+    }));
     scratch.scores.resize(rows * nk, 0.0);
     let s = &mut scratch.scores[..rows * nk];
     let q = &inp.q[row0 * h * dq..(row0 + rows) * h * dq];
     for head in 0..h {
-        // Scores: rows × dq queries against the tile's first nk keys (dq × n, row-major).
-        // At most GEMM_ROWS rows per call: `gemm` then reads the keys in place instead of
-        // packing them again for every row block.
-        for r0 in (0..rows).step_by(GEMM_ROWS) {
+        for (g, &gk) in scratch.group_keys.iter().enumerate() {
+            if gk == 0 {
+                continue;
+            }
+            let r0 = g * GEMM_ROWS;
             let rs = GEMM_ROWS.min(rows - r0);
+            // Scores: rs × dq queries against the tile's first gk keys (dq × n, row-major).
+            // At most GEMM_ROWS rows per call: `gemm` then reads the keys in place instead
+            // of packing them again for every row block.
             gemm_strided(
                 &mut s[r0 * nk..],
                 Strided::rows(nk),
@@ -377,32 +426,29 @@ fn block_tile(
                 Strided::rows(h * dq),
                 &ops.keys[head * ops.key_stride * dq..],
                 Strided::rows(ops.key_stride),
-                (rs, nk, dq),
+                (rs, gk, dq),
                 Product::Overwrite(inp.scale),
             );
-        }
-        for i in 0..rows {
-            let at = i * h + head;
-            let row = &mut s[i * nk..][..nk];
-            let corr = match scratch.prefix[i] {
-                Some(valid) => {
-                    row[valid..].fill(0.0);
-                    softmax_tile(&mut row[..valid], None, &mut st.max[at], &mut st.denom[at])
+            for i in r0..r0 + rs {
+                let at = i * h + head;
+                let row = &mut s[i * nk..][..gk];
+                let corr = match scratch.prefix[i] {
+                    Some(valid) => {
+                        row[valid..].fill(0.0);
+                        softmax_tile(&mut row[..valid], None, &mut st.max[at], &mut st.denom[at])
+                    }
+                    None => softmax_tile(
+                        row,
+                        Some(&scratch.mask[i * nk..][..gk]),
+                        &mut st.max[at],
+                        &mut st.denom[at],
+                    ),
+                };
+                if corr != 1.0 {
+                    st.out[at * dv..][..dv].iter_mut().for_each(|v| *v *= corr);
                 }
-                None => softmax_tile(
-                    row,
-                    Some(&scratch.mask[i * nk..][..nk]),
-                    &mut st.max[at],
-                    &mut st.denom[at],
-                ),
-            };
-            if corr != 1.0 {
-                st.out[at * dv..][..dv].iter_mut().for_each(|v| *v *= corr);
             }
-        }
-        // Values: out[i, head] += Σ_j p[i, j] · v_head[j].
-        for r0 in (0..rows).step_by(GEMM_ROWS) {
-            let rs = GEMM_ROWS.min(rows - r0);
+            // Values: out[i, head] += Σ_j p[i, j] · v_head[j].
             gemm_strided(
                 &mut st.out[r0 * h * dv + head * dv..],
                 Strided::rows(h * dv),
@@ -410,7 +456,7 @@ fn block_tile(
                 Strided::rows(nk),
                 &ops.values[head * n * ops.value_stride..],
                 Strided::rows(ops.value_stride),
-                (rs, dv, nk),
+                (rs, dv, gk),
                 Product::Accumulate,
             );
         }

@@ -131,6 +131,20 @@ fn causal_rows_across_row_blocks_and_key_tiles() {
 }
 
 #[test]
+fn row_groups_stop_at_their_own_last_key() {
+    // Rows at 200..300: the second key tile (positions 256..) reaches the block's later
+    // row groups but not its first (positions 200..247), which must skip it.
+    let c = Case {
+        dims: dims(2, 16, 8, 4, 8),
+        block_size: 8,
+        rows: 100,
+        selection: Selection::Causal { start: 200 },
+        scale: 0.5,
+    };
+    run_case(&c, 8);
+}
+
+#[test]
 fn sparse_rows_mask_unselected_keys() {
     let c = Case {
         dims: dims(2, 16, 8, 4, 8),

@@ -27,6 +27,18 @@ const GEMM_PARALLEL_MIN_MACS: usize = 1 << 18;
 /// work to amortize task overhead while leaving dozens of tasks to balance.
 const GEMV_ROWS_PER_TASK: usize = 64;
 
+/// Weights with at most this many rows (output features) are packed whole by `gemm` on the
+/// calling thread before its workers start (its `m ≤ 2·mc` rule, with `mc` at most 8
+/// micro-kernel heights of 64 rows for f32 on AVX-512).
+const PREPACKED_WEIGHT_MAX_ROWS: usize = 1024;
+
+/// Products of at least this many input rows split such weights by columns instead.
+const SPLIT_MIN_ROWS: usize = 256;
+
+/// Column parts are multiples of the 16-float vector, so each part's packing stays aligned
+/// with `gemm`'s micro-kernel.
+const SPLIT_ALIGN: usize = 16;
+
 /// Below this many weights a GEMV stays on the calling thread.
 const GEMV_PARALLEL_MIN: usize = 1 << 16;
 
@@ -66,24 +78,70 @@ pub(crate) fn matmul_t_with(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: 
         x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
         "matmul_t: shapes"
     );
-    let par = if parallel && m * n * k >= GEMM_PARALLEL_MIN_MACS {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    let threads = rayon::current_num_threads();
+    let parallel = parallel && m * n * k >= GEMM_PARALLEL_MIN_MACS;
+    if parallel && threads > 1 && n <= PREPACKED_WEIGHT_MAX_ROWS && m >= SPLIT_MIN_ROWS {
+        // `gemm` packs a weight this small whole on the calling thread before its workers
+        // start; per-thread column slices pack their own part at the same time instead.
+        let parts = threads.min(n.div_ceil(SPLIT_ALIGN));
+        let per = n.div_ceil(parts).next_multiple_of(SPLIT_ALIGN);
+        let dst = SendPtr(out.as_mut_ptr());
+        (0..n.div_ceil(per)).into_par_iter().for_each(|p| {
+            let j0 = p * per;
+            let cols = per.min(n - j0);
+            // SAFETY: part p writes only columns j0..j0 + cols of each of the m rows of
+            // `out` (row stride n), disjoint from every other part; `x` and `w` are read
+            // within their asserted lengths.
+            unsafe {
+                gemm_rows_major(
+                    dst.get().add(j0),
+                    n,
+                    x,
+                    &w[j0 * k..(j0 + cols) * k],
+                    (m, k, cols),
+                    gemm::Parallelism::None,
+                )
+            };
+        });
+        return;
+    }
+    let par = if parallel {
+        gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the pointers come from slices at least as long as the strides below reach
-    // (asserted above): dst is m×n row-major (col stride 1, row stride n); lhs is x,
-    // m×k row-major; rhs is the k×n view wᵀ of the n×k row-major w (moving along a column
-    // of the view, i.e. along k, is stride 1; moving to the next column, i.e. the next
-    // output feature, is stride k). `read_dst = false` so `out` is only written.
+    // SAFETY: `out` holds m×n floats and `x`, `w` their m×k and n×k (asserted above).
+    unsafe { gemm_rows_major(out.as_mut_ptr(), n, x, w, (m, k, n), par) };
+}
+
+/// `dst[m×n] = x[m×k] · w[n×k]ᵀ` through `gemm`, `dst` row-major with row stride
+/// `dst_stride` (a column slice of a wider output when `dst_stride > n`).
+///
+/// # Safety
+/// `dst` must be valid for writes of every `dst[i * dst_stride + j]`, i < m, j < n, and no
+/// other thread may access those elements meanwhile; `x` and `w` must hold at least m×k
+/// and n×k floats.
+unsafe fn gemm_rows_major(
+    dst: *mut f32,
+    dst_stride: usize,
+    x: &[f32],
+    w: &[f32],
+    (m, k, n): (usize, usize, usize),
+    par: gemm::Parallelism,
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k, "matmul_t: shapes");
+    // SAFETY: lhs is x, m×k row-major; rhs is the k×n view wᵀ of the n×k row-major w
+    // (moving along a column of the view, i.e. along k, is stride 1; moving to the next
+    // column, i.e. the next output feature, is stride k); dst as the caller guarantees.
+    // `read_dst = false` so `dst` is only written.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_stride as isize,
             false,
             x.as_ptr(),
             1,
@@ -98,6 +156,22 @@ pub(crate) fn matmul_t_with(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: 
             false,
             par,
         );
+    }
+}
+
+/// A raw output pointer that parallel tasks writing disjoint elements may share.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: only used to hand disjoint parts of one exclusively borrowed buffer to tasks.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -355,6 +429,11 @@ mod tests {
             (17, 100, 3),
             (64, 64, 64),
             (70, 300, 90),
+            // Split by columns across threads (at least 256 rows, at most 1024 columns),
+            // parts of uneven width.
+            (300, 70, 1000),
+            (260, 130, 17),
+            (400, 64, 576),
         ] {
             let x = rng.vec(m * k);
             let w = rng.vec(n * k);

@@ -298,10 +298,16 @@ fn main() {
     );
     println!("{:<46} {:>13} {:>17}  extra", "kernel / shape", "time", "throughput");
     if on("matmul") {
-        bench_matmul(1024, 1024, 1024, 10);
         bench_matmul(4096, 2048, 2048, 3);
         bench_matmul(4096, 1024, 3072, 3);
         bench_matmul(4096, 768, 3072, 3);
+        // The shapes whose weight `gemm` would pack whole on one thread (n ≤ 1024): the
+        // model's o_proj, q_a, kv_a, and a MoE expert's gate/up and down for 1024 tokens.
+        bench_matmul(4096, 2048, 1024, 3);
+        bench_matmul(4096, 1024, 768, 3);
+        bench_matmul(4096, 1024, 576, 3);
+        bench_matmul(1024, 1024, 1024, 10);
+        bench_matmul(1024, 512, 1024, 10);
         for m in [1, 2, 4, 8, 16, 32] {
             bench_matmul(m, 4096, 4096, 20);
         }

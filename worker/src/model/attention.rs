@@ -1,6 +1,8 @@
 //! MLA attention (absorbed form for decode, expanded form for prefill chunks), the lightning
 //! indexer, and the IndexCache hand-off.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use kernels::{IndexerInputs, MlaAttentionInputs, MlaDims, MlaKeyPlan, MlaPrefillInputs, RopeStyle};
@@ -328,44 +330,27 @@ fn run_indexer(
     let rows: usize = segments.iter().map(|s| s.len).sum();
     let (hi, di, dr) = (c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim);
     let style = c.arch.indexer_rope_style();
-    // Rows at positions below index_topk select every earlier key without being scored
-    // (`kernels::indexer_topk`), so only the others need query projections; theirs stay 0.
-    let scored: Vec<usize> = row_positions(segments)
+    // Rows at positions below index_topk select every earlier key without being scored, so
+    // only the others get query projections. Those are a suffix of each segment: per
+    // segment, its first scored row and their count.
+    let suffixes: Vec<(usize, usize)> = segments
         .iter()
-        .enumerate()
-        .filter(|&(_, &pos)| pos >= c.index_topk)
-        .map(|(row, _)| row)
+        .scan(0, |row, s| {
+            let dense = c.index_topk.saturating_sub(s.start).min(s.len);
+            let first = *row + dense;
+            *row += s.len;
+            Some((first, s.len - dense))
+        })
         .collect();
-    let (mut qi, mut weights) = if scored.len() == rows {
-        (ix.wq_b.forward(qr, rows), ix.weights_proj.forward(x, rows))
+    let n: usize = suffixes.iter().map(|&(_, len)| len).sum();
+    let (dqr, d) = (qr.len() / rows.max(1), x.len() / rows.max(1));
+    let (mut qi, mut weights) = if n == 0 {
+        (Vec::new(), Vec::new())
     } else {
-        let gather = |a: &[f32], width: usize| -> Vec<f32> {
-            scored
-                .iter()
-                .flat_map(|&row| &a[row * width..][..width])
-                .copied()
-                .collect()
-        };
-        let scatter = |part: Vec<f32>, width: usize| -> Vec<f32> {
-            let mut all = vec![0.0; rows * width];
-            for (i, &row) in scored.iter().enumerate() {
-                all[row * width..][..width].copy_from_slice(&part[i * width..][..width]);
-            }
-            all
-        };
-        let n = scored.len();
-        let (dqr, d) = (qr.len() / rows.max(1), x.len() / rows.max(1));
-        let qi = if n == 0 {
-            Vec::new()
-        } else {
-            ix.wq_b.forward(&gather(qr, dqr), n)
-        };
-        let w = if n == 0 {
-            Vec::new()
-        } else {
-            ix.weights_proj.forward(&gather(x, d), n)
-        };
-        (scatter(qi, hi * di), scatter(w, hi))
+        (
+            ix.wq_b.forward(&row_ranges(qr, dqr, &suffixes), n),
+            ix.weights_proj.forward(&row_ranges(x, d, &suffixes), n),
+        )
     };
     // Fold both scales into the head weights: ReLU(a·s) = s·ReLU(a) for s > 0.
     let scale = (hi as f32).powf(-0.5) * (di as f32).powf(-0.5);
@@ -373,35 +358,62 @@ fn run_indexer(
         *v *= scale;
     }
     // Each indexer head is [rope | nope]: rope part first. Rotated in parallel per row.
-    let positions = row_positions(segments);
-    qi.par_chunks_mut(hi * di).zip(positions.par_iter()).for_each_init(
-        || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
-        |(cos, sin), (q_row, &pos)| {
-            ctx.rope.cos_sin(pos, cos, sin);
-            rope_rows(q_row, di, 0, dr, cos, sin, style);
-        },
-    );
+    let scored_positions: Vec<usize> = segments
+        .iter()
+        .zip(&suffixes)
+        .flat_map(|(s, &(_, len))| s.start + s.len - len..s.start + s.len)
+        .collect();
+    qi.par_chunks_mut(hi * di)
+        .zip(scored_positions.par_iter())
+        .for_each_init(
+            || (vec![0.0; dr / 2], vec![0.0; dr / 2]),
+            |(cos, sin), (q_row, &pos)| {
+                ctx.rope.cos_sin(pos, cos, sin);
+                rope_rows(q_row, di, 0, dr, cos, sin, style);
+            },
+        );
     write_index_keys(ctx, ix, x, segments, cache)?;
-    let mut row = 0;
-    for (s, t) in segments.iter().zip(topk.iter_mut()) {
+    let mut at = 0;
+    for ((s, t), &(_, len)) in segments.iter().zip(topk.iter_mut()).zip(&suffixes) {
         let blocks = cache.layer_blocks(ctx.cache_layer, s.seq)?;
-        let positions: Vec<usize> = (s.start..s.start + s.len).collect();
+        let dense = s.len - len;
+        // Dense rows take every key up to their own; `indexer_topk` scores the suffix.
+        let mut out: TopkRows = (s.start..s.start + dense).map(|t| (0..=t as u32).collect()).collect();
+        let positions = &scored_positions[at..at + len];
         let inp = IndexerInputs {
-            q: &qi[row * hi * di..(row + s.len) * hi * di],
-            weights: &weights[row * hi..(row + s.len) * hi],
+            q: &qi[at * hi * di..(at + len) * hi * di],
+            weights: &weights[at * hi..(at + len) * hi],
             key_blocks: &blocks.index_k,
             block_size: cache.block_size(),
-            positions: &positions,
+            positions,
             heads: hi,
             dim: di,
             topk: c.index_topk,
         };
-        let mut out = Vec::new();
-        kernels::indexer_topk(&inp, &mut out);
+        let mut scored = Vec::new();
+        kernels::indexer_topk(&inp, &mut scored);
+        out.append(&mut scored);
         *t = Some(out);
-        row += s.len;
+        at += len;
     }
     Ok(())
+}
+
+/// The rows `first..first + len` of each range in `ranges`, concatenated, of `a` (rows of
+/// `width` floats): borrowed when there is only one non-empty range.
+fn row_ranges<'a>(a: &'a [f32], width: usize, ranges: &[(usize, usize)]) -> Cow<'a, [f32]> {
+    let mut non_empty = ranges.iter().filter(|&&(_, len)| len > 0);
+    match (non_empty.next(), non_empty.next()) {
+        (None, _) => Cow::Borrowed(&[]),
+        (Some(&(first, len)), None) => Cow::Borrowed(&a[first * width..(first + len) * width]),
+        _ => Cow::Owned(
+            ranges
+                .iter()
+                .flat_map(|&(first, len)| &a[first * width..(first + len) * width])
+                .copied()
+                .collect(),
+        ),
+    }
 }
 
 /// Writes every row's indexer key: `wk`, its LayerNorm, and the rotated rope part.
