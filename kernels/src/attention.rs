@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{self, multiversion, Simd};
+use crate::simd::{self, exp_nonpositive, multiversion, Simd};
 
 /// Selected keys per tile: 8 latent vectors of 512 floats are 16 KiB, which stay in L1
 /// next to four heads' queries while the tile is scored (16 keys measured ~25% slower, 4
@@ -192,16 +192,28 @@ fn attend_impl<S: Simd>(
                 tile_max = tile_max.max(v);
             }
             if tile_max > max[h] {
-                let correction = (max[h] - tile_max).exp();
+                let correction = exp_nonpositive(max[h] - tile_max);
                 denom[h] *= correction;
                 scale(s, acc, correction);
                 max[h] = tile_max;
             }
-            let mut sum = 0.0f32;
-            for v in p.iter_mut() {
-                *v = (*v - max[h]).exp();
-                sum += *v;
-            }
+            let m = max[h];
+            let sum = if let Ok(p) = <&mut [f32; KEY_TILE]>::try_from(&mut *p) {
+                // A whole tile: a fixed-length loop the compiler turns into vector code.
+                let mut e = [0.0f32; KEY_TILE];
+                for (e, &v) in e.iter_mut().zip(p.iter()) {
+                    *e = exp_nonpositive(v - m);
+                }
+                *p = e;
+                e.iter().sum::<f32>()
+            } else {
+                p.iter_mut()
+                    .map(|v| {
+                        *v = exp_nonpositive(*v - m);
+                        *v
+                    })
+                    .sum()
+            };
             denom[h] += sum;
         }
         accumulate(s, out, probs, &ckv[..nt], rank);
