@@ -59,7 +59,8 @@ pub struct IndexerInputs<'a> {
 /// of the number of rows:
 /// - chunk scores: `chunk_rows × (max position in chunk + 1)` floats (rounded up to a tile);
 /// - per running tile task: `chunk_rows·heads × 256` logits plus a 256 × `dim` key tile;
-/// - per running select task: one row of scores as `f32`, and as packed `u64` keys.
+/// - per running select task: one row of scores as packed `u64` keys (`select_topk` reads
+///   the row's scores in place).
 pub fn indexer_topk(inp: &IndexerInputs<'_>, out: &mut Vec<Vec<u32>>) {
     let rows = inp.positions.len();
     let (heads, dim) = (inp.heads, inp.dim);
@@ -87,26 +88,14 @@ pub fn indexer_topk(inp: &IndexerInputs<'_>, out: &mut Vec<Vec<u32>>) {
     let mut chunk = ChunkScratch::default();
     for rows in scored.chunks(chunk_rows) {
         chunk.score(inp, rows);
-        let tile = chunk.tile_keys;
-        let stride = rows.len() * tile;
+        let stride = chunk.row_stride;
         let mut results: Vec<(usize, Vec<u32>)> = rows.iter().map(|&r| (r, mem::take(&mut out[r]))).collect();
         let scores = &chunk.scores;
-        results
-            .par_iter_mut()
-            .enumerate()
-            .for_each_init(Vec::new, |row_scores, (i, (r, sel))| {
-                // Gather the row out of the tile-major score layout, up to its own position.
-                let n = inp.positions[*r] + 1;
-                row_scores.clear();
-                for (ti, tile_scores) in scores.chunks(stride).enumerate() {
-                    let valid = (n - (ti * tile).min(n)).min(tile);
-                    if valid == 0 {
-                        break;
-                    }
-                    row_scores.extend_from_slice(&tile_scores[i * tile..][..valid]);
-                }
-                select_topk(row_scores, inp.topk, sel);
-            });
+        results.par_iter_mut().enumerate().for_each(|(i, (r, sel))| {
+            // The row's scores up to its own position: every tile of the chunk wrote them.
+            let n = inp.positions[*r] + 1;
+            select_topk(&scores[i * stride..][..n], inp.topk, sel);
+        });
         for (r, sel) in results {
             out[r] = sel;
         }
@@ -120,11 +109,11 @@ struct ChunkScratch {
     q: Vec<f32>,
     /// The chunk's head weights: chunk_rows × heads.
     weights: Vec<f32>,
-    /// Scores, tile-major: tile × chunk_rows × tile_keys, so that each tile task owns one
-    /// contiguous slice.
+    /// Scores, row-major: chunk_rows × `row_stride`. Each tile task writes its own columns
+    /// of every row, and each row is selected from in place.
     scores: Vec<f32>,
-    /// Keys per tile for the current call.
-    tile_keys: usize,
+    /// Floats per row of `scores`: the chunk's keys rounded up to whole tiles.
+    row_stride: usize,
 }
 
 /// Per-task buffers of a tile task.
@@ -152,10 +141,13 @@ impl ChunkScratch {
         let blocks_per_tile = TILE_KEYS.div_ceil(bs).max(1);
         let tile = blocks_per_tile * bs;
         let n_tiles = n_keys.div_ceil(tile);
-        self.tile_keys = tile;
-        let stride = rows.len() * tile;
-        self.scores.clear();
-        self.scores.resize(n_tiles * stride, 0.0);
+        let stride = n_tiles * tile;
+        self.row_stride = stride;
+        // Not cleared: a row is read only up to its own position, and every tile writes
+        // its columns of every row below that.
+        if self.scores.len() < rows.len() * stride {
+            self.scores.resize(rows.len() * stride, 0.0);
+        }
         debug_assert!(
             inp.key_blocks.len() >= n_keys.div_ceil(bs),
             "indexer: key cache has fewer blocks than positions need"
@@ -163,10 +155,13 @@ impl ChunkScratch {
 
         let (q, weights) = (&self.q, &self.weights);
         let m = rows.len() * heads;
-        self.scores
-            .par_chunks_mut(stride)
-            .enumerate()
-            .for_each_init(TileScratch::default, |s, (ti, scores)| {
+        let scores = RowsOut {
+            ptr: self.scores.as_mut_ptr(),
+            stride,
+        };
+        (0..n_tiles)
+            .into_par_iter()
+            .for_each_init(TileScratch::default, |s, ti| {
                 let first = ti * tile;
                 let valid = tile.min(n_keys - first);
                 let keys: &[f32] = if blocks_per_tile == 1 {
@@ -186,41 +181,73 @@ impl ChunkScratch {
                 };
                 s.logits.resize(m * valid, 0.0);
                 matmul_t_with(q, keys, &mut s.logits, m, dim, valid, false);
-                fold_heads(&s.logits, weights, scores, heads, valid, tile);
+                // SAFETY: tile `ti` writes only columns first..first + valid of the chunk's
+                // rows, which lie inside `self.scores` (rows × stride, stride ≥ first +
+                // valid) and which no other tile task touches.
+                fold_heads(&s.logits, weights, unsafe { scores.columns(first) }, heads, valid);
             });
+    }
+}
+
+/// Where a tile task writes its scores: row r's slots start at `ptr + r · stride`.
+#[derive(Clone, Copy)]
+struct RowsOut {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+// SAFETY: tasks sharing a `RowsOut` write disjoint column ranges (see its uses).
+unsafe impl Send for RowsOut {}
+// SAFETY: as above.
+unsafe impl Sync for RowsOut {}
+
+impl RowsOut {
+    /// The same rows from column `first` on.
+    ///
+    /// # Safety
+    /// Column `first` must lie inside every row the result is used for.
+    unsafe fn columns(self, first: usize) -> RowsOut {
+        RowsOut {
+            // SAFETY: in bounds by the caller's guarantee.
+            ptr: unsafe { self.ptr.add(first) },
+            stride: self.stride,
+        }
+    }
+
+    /// Row `r`'s first `len` slots.
+    ///
+    /// # Safety
+    /// They must lie inside the buffer and no other live reference may cover them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize, len: usize) -> &mut [f32] {
+        // SAFETY: by the caller's guarantee.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.stride), len) }
     }
 }
 
 multiversion! {
     /// `scores[r][j] = Σ_h weights[r][h] · ReLU(logits[r·heads + h][j])` for `j < valid`;
-    /// `scores` rows are `stride` apart, `logits` rows `valid` apart.
+    /// `logits` rows are `valid` apart.
     fn fold_heads(
         logits: &[f32],
         weights: &[f32],
-        scores: &mut [f32],
+        scores: RowsOut,
         heads: usize,
         valid: usize,
-        stride: usize,
     ) => fold_heads_impl
 }
 
 #[inline(always)]
-fn fold_heads_impl<S: Simd>(
-    s: S,
-    logits: &[f32],
-    weights: &[f32],
-    scores: &mut [f32],
-    heads: usize,
-    valid: usize,
-    stride: usize,
-) {
+fn fold_heads_impl<S: Simd>(s: S, logits: &[f32], weights: &[f32], scores: RowsOut, heads: usize, valid: usize) {
     if heads == 0 || valid == 0 {
         return;
     }
     let lanes = S::LANES;
     let full = valid / lanes * lanes;
     for (r, w) in weights.chunks_exact(heads).enumerate() {
-        let row = &mut scores[r * stride..][..valid];
+        // SAFETY: `scores` addresses `valid` floats of each of the chunk's rows for this
+        // task alone (see `RowsOut`).
+        let row = unsafe { scores.row(r, valid) };
         let l = &logits[r * heads * valid..][..heads * valid];
         // Each vector of scores is summed over all heads in a register and stored once.
         let mut j = 0;
