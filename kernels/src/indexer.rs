@@ -10,6 +10,7 @@ use std::mem;
 
 use rayon::prelude::*;
 
+use crate::disjoint::DisjointRows;
 use crate::linear::matmul_t_with;
 use crate::simd::{multiversion, Simd};
 use crate::topk::select_topk;
@@ -155,10 +156,7 @@ impl ChunkScratch {
 
         let (q, weights) = (&self.q, &self.weights);
         let m = rows.len() * heads;
-        let scores = RowsOut {
-            ptr: self.scores.as_mut_ptr(),
-            stride,
-        };
+        let scores = DisjointRows::new(&mut self.scores, stride);
         (0..n_tiles)
             .into_par_iter()
             .for_each_init(TileScratch::default, |s, ti| {
@@ -189,56 +187,20 @@ impl ChunkScratch {
     }
 }
 
-/// Where a tile task writes its scores: row r's slots start at `ptr + r · stride`.
-#[derive(Clone, Copy)]
-struct RowsOut {
-    ptr: *mut f32,
-    stride: usize,
-}
-
-// SAFETY: tasks sharing a `RowsOut` write disjoint column ranges (see its uses).
-unsafe impl Send for RowsOut {}
-// SAFETY: as above.
-unsafe impl Sync for RowsOut {}
-
-impl RowsOut {
-    /// The same rows from column `first` on.
-    ///
-    /// # Safety
-    /// Column `first` must lie inside every row the result is used for.
-    unsafe fn columns(self, first: usize) -> RowsOut {
-        RowsOut {
-            // SAFETY: in bounds by the caller's guarantee.
-            ptr: unsafe { self.ptr.add(first) },
-            stride: self.stride,
-        }
-    }
-
-    /// Row `r`'s first `len` slots.
-    ///
-    /// # Safety
-    /// They must lie inside the buffer and no other live reference may cover them.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, r: usize, len: usize) -> &mut [f32] {
-        // SAFETY: by the caller's guarantee.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.stride), len) }
-    }
-}
-
 multiversion! {
     /// `scores[r][j] = Σ_h weights[r][h] · ReLU(logits[r·heads + h][j])` for `j < valid`;
     /// `logits` rows are `valid` apart.
     fn fold_heads(
         logits: &[f32],
         weights: &[f32],
-        scores: RowsOut,
+        scores: DisjointRows,
         heads: usize,
         valid: usize,
     ) => fold_heads_impl
 }
 
 #[inline(always)]
-fn fold_heads_impl<S: Simd>(s: S, logits: &[f32], weights: &[f32], scores: RowsOut, heads: usize, valid: usize) {
+fn fold_heads_impl<S: Simd>(s: S, logits: &[f32], weights: &[f32], scores: DisjointRows, heads: usize, valid: usize) {
     if heads == 0 || valid == 0 {
         return;
     }
@@ -246,7 +208,7 @@ fn fold_heads_impl<S: Simd>(s: S, logits: &[f32], weights: &[f32], scores: RowsO
     let full = valid / lanes * lanes;
     for (r, w) in weights.chunks_exact(heads).enumerate() {
         // SAFETY: `scores` addresses `valid` floats of each of the chunk's rows for this
-        // task alone (see `RowsOut`).
+        // task alone (see `DisjointRows`).
         let row = unsafe { scores.row(r, valid) };
         let l = &logits[r * heads * valid..][..heads * valid];
         // Each vector of scores is summed over all heads in a register and stored once.

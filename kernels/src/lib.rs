@@ -9,6 +9,7 @@ pub mod attention;
 pub mod attention_prefill;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod disjoint;
 pub mod indexer;
 pub mod linear;
 pub mod norm;

@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use crate::disjoint::DisjointRows;
 use crate::simd::{self, multiversion, Simd};
 
 /// Up to this many rows `matmul_t` streams the weight through the 4×2 dot kernel instead of
@@ -85,7 +86,7 @@ pub(crate) fn matmul_t_with(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: 
         // start; per-thread column slices pack their own part at the same time instead.
         let parts = threads.min(n.div_ceil(SPLIT_ALIGN));
         let per = n.div_ceil(parts).next_multiple_of(SPLIT_ALIGN);
-        let dst = SendPtr(out.as_mut_ptr());
+        let dst = DisjointRows::new(out, n);
         (0..n.div_ceil(per)).into_par_iter().for_each(|p| {
             let j0 = p * per;
             let cols = per.min(n - j0);
@@ -94,7 +95,7 @@ pub(crate) fn matmul_t_with(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: 
             // within their asserted lengths.
             unsafe {
                 gemm_rows_major(
-                    dst.get().add(j0),
+                    dst.columns(j0).as_ptr(),
                     n,
                     x,
                     &w[j0 * k..(j0 + cols) * k],
@@ -156,22 +157,6 @@ unsafe fn gemm_rows_major(
             false,
             par,
         );
-    }
-}
-
-/// A raw output pointer that parallel tasks writing disjoint elements may share.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-// SAFETY: only used to hand disjoint parts of one exclusively borrowed buffer to tasks.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
