@@ -250,10 +250,12 @@ pub fn mla_prefill_attention(inp: &MlaPrefillInputs<'_>, out: &mut [f32]) {
         // Regroup per head into the layouts the GEMMs read without packing: keys
         // transposed, dq × n ([nope | rope] down the rows, the rope key shared by every
         // head), so a key's scores for consecutive keys are contiguous; values n × dv.
-        let ks = n + KEY_PAD;
-        keys.resize(h * ks * dq, 0.0);
-        let vs = dv + KEY_PAD;
-        values.resize(h * n * vs, 0.0);
+        // Rows start on cache lines (the GEMMs load them as whole vectors): strides are
+        // multiples of 16 floats and the buffers start on a 64-byte boundary.
+        let ks = n.next_multiple_of(16) + KEY_PAD;
+        let keys = cache_aligned(&mut keys, h * ks * dq);
+        let vs = dv.next_multiple_of(16) + KEY_PAD;
+        let values = cache_aligned(&mut values, h * n * vs);
         keys.par_chunks_mut(ks * dq)
             .zip(values.par_chunks_mut(n * vs))
             .enumerate()
@@ -270,8 +272,8 @@ pub fn mla_prefill_attention(inp: &MlaPrefillInputs<'_>, out: &mut [f32]) {
                 }
             });
         let ops = TileOperands {
-            keys: &keys[..h * ks * dq],
-            values: &values[..h * n * vs],
+            keys,
+            values,
             key_stride: ks,
             value_stride: vs,
         };
@@ -402,8 +404,7 @@ fn block_tile(
             .unwrap_or(0);
         keys_here.partition_point(|&p| p <= last)
     }));
-    scratch.scores.resize(rows * nk, 0.0);
-    let s = &mut scratch.scores[..rows * nk];
+    let s = cache_aligned(&mut scratch.scores, rows * nk);
     let q = &inp.q[row0 * h * dq..(row0 + rows) * h * dq];
     for head in 0..h {
         for (g, &gk) in scratch.group_keys.iter().enumerate() {
@@ -457,6 +458,17 @@ fn block_tile(
             );
         }
     }
+}
+
+/// `len` floats of `buf` (grown as needed) from its first 64-byte boundary, so that rows
+/// whose stride is a multiple of 16 floats never straddle cache lines: a vector load that
+/// does costs two.
+fn cache_aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len + 15 {
+        buf.resize(len + 15, 0.0);
+    }
+    let at = buf.as_ptr().align_offset(64).min(15);
+    &mut buf[at..at + len]
 }
 
 multiversion! {
