@@ -371,14 +371,21 @@ fn block_tile(
         if contiguous {
             // The tile's keys are consecutive positions: a selected position's slot is
             // its offset from the first.
+            // A linear walk: the cursor normally sits at the tile's first key already,
+            // and every selected key in the tile is visited anyway.
             mask.fill(f32::NEG_INFINITY);
-            let lo = *cur + sel[*cur..].partition_point(|&p| p < keys_here[0]);
-            let hi = lo + sel[lo..].partition_point(|&p| p <= keys_here[nk - 1]);
-            for &p in &sel[lo..hi] {
-                mask[(p - keys_here[0]) as usize] = 0.0;
+            let (first, last) = (keys_here[0], keys_here[nk - 1]);
+            let mut c = *cur;
+            while c < sel.len() && sel[c] < first {
+                c += 1;
             }
-            any |= hi > lo;
-            *cur = hi;
+            let lo = c;
+            while c < sel.len() && sel[c] <= last {
+                mask[(sel[c] - first) as usize] = 0.0;
+                c += 1;
+            }
+            any |= c > lo;
+            *cur = c;
             continue;
         }
         for (m, &p) in mask.iter_mut().zip(keys_here) {
@@ -429,20 +436,19 @@ fn block_tile(
             for i in r0..r0 + rs {
                 let at = i * h + head;
                 let row = &mut s[i * nk..][..gk];
-                let corr = match scratch.prefix[i] {
+                let out = &mut st.out[at * dv..][..dv];
+                match scratch.prefix[i] {
                     Some(valid) => {
                         row[valid..].fill(0.0);
-                        softmax_tile(&mut row[..valid], None, &mut st.max[at], &mut st.denom[at])
+                        softmax_tile(&mut row[..valid], None, &mut st.max[at], &mut st.denom[at], out)
                     }
                     None => softmax_tile(
                         row,
                         Some(&scratch.mask[i * nk..][..gk]),
                         &mut st.max[at],
                         &mut st.denom[at],
+                        out,
                     ),
-                };
-                if corr != 1.0 {
-                    st.out[at * dv..][..dv].iter_mut().for_each(|v| *v *= corr);
                 }
             }
             // Values: out[i, head] += Σ_j p[i, j] · v_head[j].
@@ -474,14 +480,20 @@ fn cache_aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 multiversion! {
     /// Turns one row's scaled scores (plus `mask`, 0 or -inf per key, when given) into
     /// probabilities under the running maximum `max` (updated), adds their sum to `denom`
-    /// (after rescaling it), and returns the factor the row's accumulated output must be
-    /// multiplied by.
-    fn softmax_tile(s: &mut [f32], mask: Option<&[f32]>, max: &mut f32, denom: &mut f32) -> f32
+    /// (after rescaling it), and rescales the row's accumulated output `out` to match.
+    fn softmax_tile(s: &mut [f32], mask: Option<&[f32]>, max: &mut f32, denom: &mut f32, out: &mut [f32])
         => softmax_tile_impl
 }
 
 #[inline(always)]
-fn softmax_tile_impl<S: Simd>(_s: S, scores: &mut [f32], mask: Option<&[f32]>, max: &mut f32, denom: &mut f32) -> f32 {
+fn softmax_tile_impl<S: Simd>(
+    _s: S,
+    scores: &mut [f32],
+    mask: Option<&[f32]>,
+    max: &mut f32,
+    denom: &mut f32,
+    out: &mut [f32],
+) {
     // Lane arrays keep the reductions vectorizable (no reassociation of one scalar chain).
     const L: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; L];
@@ -513,7 +525,7 @@ fn softmax_tile_impl<S: Simd>(_s: S, scores: &mut [f32], mask: Option<&[f32]>, m
     if new_max == f32::NEG_INFINITY {
         // Nothing selected yet, here or before: probabilities 0, nothing to rescale.
         scores.fill(0.0);
-        return 1.0;
+        return;
     }
     let corr = if *max == f32::NEG_INFINITY {
         0.0
@@ -535,7 +547,9 @@ fn softmax_tile_impl<S: Simd>(_s: S, scores: &mut [f32], mask: Option<&[f32]>, m
         sum += *c;
     }
     *denom = *denom * corr + sum;
-    corr
+    if corr != 1.0 {
+        out.iter_mut().for_each(|v| *v *= corr);
+    }
 }
 
 #[cfg(test)]
