@@ -1,5 +1,4 @@
-//! A global allocator that asks the kernel for transparent huge pages on large buffers
-//! and starts buffers of 64 KiB and more on a cache line.
+//! A global allocator that asks the kernel for transparent huge pages on large buffers.
 //!
 //! A prefill chunk allocates activations of tens of MiB per layer (4096 rows × 16 heads ×
 //! 192 floats of queries alone are 48 MiB). glibc serves such sizes with a fresh `mmap`
@@ -43,164 +42,31 @@ fn advise(ptr: *mut u8, len: usize) {
     let _ = (ptr, len);
 }
 
-/// Allocations at least this large start on a cache line. Kernels load their rows as whole
-/// vectors, and with rows a multiple of 16 floats long a buffer that starts 16 bytes past a
-/// line (what glibc's `mmap`-backed chunks do) makes every such load touch two lines:
-/// `kernel-bench chunk` ran the prefill attention 18% faster (medians of 10 alternations)
-/// with its buffers aligned.
-const ALIGN_MIN: usize = 64 << 10;
-
-/// A cache line.
-const LINE: usize = 64;
-
-/// Whether a block of `layout` is placed on a cache line by [`lined_alloc`] (instead of
-/// coming from `System` as asked). Decided by the layout alone, so `dealloc` and `realloc`
-/// always know how a block was obtained.
-fn lined(layout: Layout) -> bool {
-    layout.size() >= ALIGN_MIN && layout.align() <= LINE
-}
-
-/// `size` bytes from the C heap starting on a cache line, with the heap's own pointer
-/// stored in the 8 bytes before it. `calloc` when `zeroed`: asking `System` for a 64-byte
-/// alignment instead would zero large blocks with a `memset` on the calling thread, where
-/// `calloc` takes fresh pages the kernel already zeroed (4K prefill GEMM phases dropped
-/// from 1.9 to 1.5–1.65 cores used that way).
-///
-/// # Safety
-/// As `GlobalAlloc::alloc`; `size` is at least [`ALIGN_MIN`].
-unsafe fn lined_alloc(size: usize, zeroed: bool) -> *mut u8 {
-    let Some(total) = size.checked_add(LINE) else {
-        return std::ptr::null_mut();
-    };
-    // SAFETY: plain C allocation calls; the result is checked for null.
-    let raw = unsafe {
-        if zeroed {
-            libc::calloc(1, total)
-        } else {
-            libc::malloc(total)
-        }
-    } as *mut u8;
-    if raw.is_null() {
-        return raw;
-    }
-    // SAFETY: `raw` holds `size + LINE` bytes and `place` uses at most LINE before the data.
-    unsafe { place(raw) }
-}
-
-/// The first line-aligned address at least 8 bytes into `raw` (at most [`LINE`] bytes in,
-/// since C heap pointers are 8-byte aligned), with `raw` written just before it.
-///
-/// # Safety
-/// `raw` must start a C heap block with room for that offset.
-unsafe fn place(raw: *mut u8) -> *mut u8 {
-    let offset = (raw as usize + 8).next_multiple_of(LINE) - raw as usize;
-    // SAFETY: offset ≤ LINE lies inside the block, and the header slot is 8 bytes before
-    // the returned address, after `raw`.
-    unsafe {
-        let p = raw.add(offset);
-        p.cast::<*mut u8>().sub(1).write_unaligned(raw);
-        p
-    }
-}
-
-/// The C heap block behind a [`lined_alloc`] pointer.
-///
-/// # Safety
-/// `p` must come from [`lined_alloc`] or [`lined_realloc`].
-unsafe fn raw_of(p: *mut u8) -> *mut u8 {
-    // SAFETY: `place` wrote the heap pointer just before `p`.
-    unsafe { p.cast::<*mut u8>().sub(1).read_unaligned() }
-}
-
-/// Resizes a [`lined_alloc`] block of `old` bytes to `new` (both at least [`ALIGN_MIN`]),
-/// keeping its first `min(old, new)` bytes; null (the old block intact) on failure.
-///
-/// # Safety
-/// `p` must come from [`lined_alloc`] or [`lined_realloc`] with size `old`.
-unsafe fn lined_realloc(p: *mut u8, old: usize, new: usize) -> *mut u8 {
-    let Some(total) = new.checked_add(LINE) else {
-        return std::ptr::null_mut();
-    };
-    // SAFETY: by the caller's guarantee `p`'s heap block is `raw`; `realloc` keeps its
-    // bytes, and the data is moved inside the new block if its line offset changed.
-    unsafe {
-        let raw = raw_of(p);
-        let old_offset = p as usize - raw as usize;
-        let moved = libc::realloc(raw.cast(), total) as *mut u8;
-        if moved.is_null() {
-            return moved;
-        }
-        let offset = (moved as usize + 8).next_multiple_of(LINE) - moved as usize;
-        if offset != old_offset {
-            std::ptr::copy(moved.add(old_offset), moved.add(offset), old.min(new));
-        }
-        place(moved)
-    }
-}
-
-// SAFETY: blocks of `lined` layouts come from the C heap through `lined_alloc` on a cache
-// line (so at least as aligned as any layout with align ≤ 64 asks) and go back through
-// `raw_of`; every other layout is forwarded to `System` unchanged. `lined` depends on the
-// layout only, so each block is freed and resized by the scheme that made it.
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the
+// advice touches no memory.
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller upholds `alloc`'s contract.
-        let p = unsafe {
-            if lined(layout) {
-                lined_alloc(layout.size(), false)
-            } else {
-                System.alloc(layout)
-            }
-        };
+        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        let p = unsafe { System.alloc(layout) };
         advise(p, layout.size());
         p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as above.
-        let p = unsafe {
-            if lined(layout) {
-                lined_alloc(layout.size(), true)
-            } else {
-                System.alloc_zeroed(layout)
-            }
-        };
+        let p = unsafe { System.alloc_zeroed(layout) };
         advise(p, layout.size());
         p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from this allocator under `layout`, so from the scheme
-        // `lined(layout)` names.
-        unsafe {
-            if lined(layout) {
-                libc::free(raw_of(ptr).cast());
-            } else {
-                System.dealloc(ptr, layout)
-            }
-        }
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let Ok(new) = Layout::from_size_align(new_size, layout.align()) else {
-            return std::ptr::null_mut();
-        };
-        // SAFETY: `ptr` came from this allocator under `layout`; each branch resizes it
-        // with the scheme that made it, or moves it between schemes by copying.
-        let p = unsafe {
-            match (lined(layout), lined(new)) {
-                (true, true) => lined_realloc(ptr, layout.size(), new_size),
-                (false, false) => System.realloc(ptr, layout, new_size),
-                _ => {
-                    let p = self.alloc(new);
-                    if !p.is_null() {
-                        std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
-                        self.dealloc(ptr, layout);
-                    }
-                    p
-                }
-            }
-        };
+        // SAFETY: as above.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
         advise(p, new_size);
         p
     }
@@ -229,59 +95,6 @@ mod tests {
                 assert!(std::slice::from_raw_parts(grown, size).iter().all(|&b| b == 0xA5));
                 a.dealloc(grown, Layout::from_size_align(size * 2, 64).unwrap());
                 a.dealloc(z, layout);
-            }
-        }
-    }
-
-    #[test]
-    fn large_zeroed_allocations_are_zero_and_on_a_cache_line() {
-        let a = HugePageAlloc;
-        for size in [ALIGN_MIN, 7 * ALIGN_MIN + 12] {
-            let layout = Layout::from_size_align(size, 4).unwrap();
-            // SAFETY: as above.
-            unsafe {
-                // Dirty a block of the same size first, so a reused one would show.
-                let d = a.alloc(layout);
-                std::ptr::write_bytes(d, 0x5A, size);
-                a.dealloc(d, layout);
-                let z = a.alloc_zeroed(layout);
-                assert_eq!(z as usize % LINE, 0);
-                assert!(std::slice::from_raw_parts(z, size).iter().all(|&b| b == 0));
-                a.dealloc(z, layout);
-            }
-        }
-    }
-
-    #[test]
-    fn large_allocations_start_on_a_cache_line_and_keep_contents_across_resizes() {
-        let a = HugePageAlloc;
-        // Float buffers (align 4) below, at and above ALIGN_MIN, resized across it both ways.
-        for (from, to) in [
-            (100, ALIGN_MIN + 4),
-            (ALIGN_MIN, 3 * ALIGN_MIN),
-            (5 * ALIGN_MIN, 400),
-            (ALIGN_MIN - 4, ALIGN_MIN - 8),
-        ] {
-            let layout = Layout::from_size_align(from, 4).unwrap();
-            // SAFETY: as above; each block is freed once with its current size.
-            unsafe {
-                let p = a.alloc(layout);
-                assert!(!p.is_null());
-                if from >= ALIGN_MIN {
-                    assert_eq!(p as usize % LINE, 0, "{from} bytes");
-                }
-                for i in 0..from {
-                    *p.add(i) = (i % 251) as u8;
-                }
-                let q = a.realloc(p, layout, to);
-                assert!(!q.is_null());
-                if to >= ALIGN_MIN {
-                    assert_eq!(q as usize % LINE, 0, "{from} -> {to} bytes");
-                }
-                for i in 0..from.min(to) {
-                    assert_eq!(*q.add(i), (i % 251) as u8, "byte {i} of {from} -> {to}");
-                }
-                a.dealloc(q, Layout::from_size_align(to, 4).unwrap());
             }
         }
     }
