@@ -59,7 +59,9 @@ pub struct IndexerInputs<'a> {
 /// parallel; chunks run one after another, which is what bounds memory. Scratch, independent
 /// of the number of rows:
 /// - chunk scores: `chunk_rows × (max position in chunk + 1)` floats (rounded up to a tile);
-/// - per running tile task: `chunk_rows·heads × 256` logits plus a 256 × `dim` key tile;
+/// - per running tile task: `chunk_rows·heads × 256` logits;
+/// - when cache blocks are smaller than a tile: the keys up to the last scored position,
+///   contiguous (`positions × dim` floats, 16 MiB at 32K keys of 128 floats), copied once;
 /// - per running select task: one row of scores as packed `u64` keys (`select_topk` reads
 ///   the row's scores in place).
 pub fn indexer_topk(inp: &IndexerInputs<'_>, out: &mut Vec<Vec<u32>>) {
@@ -86,9 +88,13 @@ pub fn indexer_topk(inp: &IndexerInputs<'_>, out: &mut Vec<Vec<u32>>) {
     scored.sort_by_key(|&r| inp.positions[r]);
 
     let chunk_rows = (CHUNK_QUERY_VECTORS / heads.max(1)).clamp(MIN_CHUNK_ROWS, MAX_CHUNK_ROWS);
+    // Paged blocks smaller than a tile are copied into one contiguous run of keys once per
+    // call, not once per chunk of rows and tile.
+    let n_keys = inp.positions[*scored.last().expect("non-empty")] + 1;
+    let keys = contiguous_keys(inp, n_keys);
     let mut chunk = ChunkScratch::default();
     for rows in scored.chunks(chunk_rows) {
-        chunk.score(inp, rows);
+        chunk.score(inp, rows, keys.as_deref());
         let stride = chunk.row_stride;
         let mut results: Vec<(usize, Vec<u32>)> = rows.iter().map(|&r| (r, mem::take(&mut out[r]))).collect();
         let scores = &chunk.scores;
@@ -117,18 +123,28 @@ struct ChunkScratch {
     row_stride: usize,
 }
 
-/// Per-task buffers of a tile task.
-#[derive(Default)]
-struct TileScratch {
-    /// Contiguous copy of the tile's keys when it spans several paged blocks.
-    keys: Vec<f32>,
-    /// GEMM output: (chunk_rows·heads) × keys in the tile.
-    logits: Vec<f32>,
+/// The first `n_keys` keys of `inp`'s paged blocks as one contiguous buffer, or `None` when
+/// a block holds a whole tile (tiles are then read from the blocks in place).
+fn contiguous_keys(inp: &IndexerInputs<'_>, n_keys: usize) -> Option<Vec<f32>> {
+    let (bs, dim) = (inp.block_size, inp.dim);
+    if bs >= TILE_KEYS {
+        return None;
+    }
+    debug_assert!(
+        inp.key_blocks.len() >= n_keys.div_ceil(bs),
+        "indexer: key cache has fewer blocks than positions need"
+    );
+    let mut keys = vec![0.0f32; n_keys * dim];
+    keys.par_chunks_mut(bs * dim)
+        .zip(inp.key_blocks.par_iter())
+        .for_each(|(dst, block)| dst.copy_from_slice(&block[..dst.len()]));
+    Some(keys)
 }
 
 impl ChunkScratch {
-    /// Fills `self.scores` for `rows`, covering keys `0..=max position` of the chunk.
-    fn score(&mut self, inp: &IndexerInputs<'_>, rows: &[usize]) {
+    /// Fills `self.scores` for `rows`, covering keys `0..=max position` of the chunk, read
+    /// from `keys` ([`contiguous_keys`]) when given, else from the blocks in place.
+    fn score(&mut self, inp: &IndexerInputs<'_>, rows: &[usize], keys: Option<&[f32]>) {
         let (heads, dim, bs) = (inp.heads, inp.dim, inp.block_size);
         let qv = heads * dim;
         self.q.clear();
@@ -157,33 +173,20 @@ impl ChunkScratch {
         let (q, weights) = (&self.q, &self.weights);
         let m = rows.len() * heads;
         let scores = DisjointRows::new(&mut self.scores, stride);
-        (0..n_tiles)
-            .into_par_iter()
-            .for_each_init(TileScratch::default, |s, ti| {
-                let first = ti * tile;
-                let valid = tile.min(n_keys - first);
-                let keys: &[f32] = if blocks_per_tile == 1 {
-                    &inp.key_blocks[ti][..valid * dim]
-                } else {
-                    s.keys.clear();
-                    let mut left = valid;
-                    for block in &inp.key_blocks[ti * blocks_per_tile..] {
-                        if left == 0 {
-                            break;
-                        }
-                        let take = left.min(bs);
-                        s.keys.extend_from_slice(&block[..take * dim]);
-                        left -= take;
-                    }
-                    &s.keys
-                };
-                s.logits.resize(m * valid, 0.0);
-                matmul_t_with(q, keys, &mut s.logits, m, dim, valid, false);
-                // SAFETY: tile `ti` writes only columns first..first + valid of the chunk's
-                // rows, which lie inside `self.scores` (rows × stride, stride ≥ first +
-                // valid) and which no other tile task touches.
-                fold_heads(&s.logits, weights, unsafe { scores.columns(first) }, heads, valid);
-            });
+        (0..n_tiles).into_par_iter().for_each_init(Vec::new, |logits, ti| {
+            let first = ti * tile;
+            let valid = tile.min(n_keys - first);
+            let tile_keys = match keys {
+                Some(all) => &all[first * dim..][..valid * dim],
+                None => &inp.key_blocks[ti][..valid * dim],
+            };
+            logits.resize(m * valid, 0.0);
+            matmul_t_with(q, tile_keys, logits, m, dim, valid, false);
+            // SAFETY: tile `ti` writes only columns first..first + valid of the chunk's
+            // rows, which lie inside `self.scores` (rows × stride, stride ≥ first +
+            // valid) and which no other tile task touches.
+            fold_heads(logits, weights, unsafe { scores.columns(first) }, heads, valid);
+        });
     }
 }
 
