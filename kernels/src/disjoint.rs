@@ -5,26 +5,30 @@
 //! row), which no safe split expresses; they share a [`DisjointRows`] and promise, at each
 //! use, that their parts do not overlap.
 
+use std::marker::PhantomData;
+
 /// A row-major `f32` buffer (rows `stride` apart) shared by tasks that write disjoint
-/// elements of it.
+/// elements of it, for as long as the exclusive borrow it was made from.
 #[derive(Clone, Copy)]
-pub(crate) struct DisjointRows {
+pub(crate) struct DisjointRows<'a> {
     ptr: *mut f32,
     stride: usize,
+    _buf: PhantomData<&'a mut [f32]>,
 }
 
 // SAFETY: a `DisjointRows` is only made from an exclusively borrowed buffer, and every
 // method that writes through it requires the caller to prove its part is its alone.
-unsafe impl Send for DisjointRows {}
+unsafe impl Send for DisjointRows<'_> {}
 // SAFETY: as above.
-unsafe impl Sync for DisjointRows {}
+unsafe impl Sync for DisjointRows<'_> {}
 
-impl DisjointRows {
+impl<'a> DisjointRows<'a> {
     /// Shares `buf`, whose rows are `stride` floats apart, for the borrow's duration.
-    pub(crate) fn new(buf: &mut [f32], stride: usize) -> Self {
+    pub(crate) fn new(buf: &'a mut [f32], stride: usize) -> Self {
         DisjointRows {
             ptr: buf.as_mut_ptr(),
             stride,
+            _buf: PhantomData,
         }
     }
 
@@ -36,7 +40,7 @@ impl DisjointRows {
         DisjointRows {
             // SAFETY: in bounds by the caller's guarantee.
             ptr: unsafe { self.ptr.add(first) },
-            stride: self.stride,
+            ..self
         }
     }
 
@@ -49,8 +53,7 @@ impl DisjointRows {
     ///
     /// # Safety
     /// They must lie inside the buffer and no other live reference may cover them.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn row(&self, r: usize, len: usize) -> &mut [f32] {
+    pub(crate) unsafe fn row(&self, r: usize, len: usize) -> &'a mut [f32] {
         // SAFETY: by the caller's guarantee.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.stride), len) }
     }

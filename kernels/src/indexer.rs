@@ -91,6 +91,10 @@ pub fn indexer_topk(inp: &IndexerInputs<'_>, out: &mut Vec<Vec<u32>>) {
     // Paged blocks smaller than a tile are copied into one contiguous run of keys once per
     // call, not once per chunk of rows and tile.
     let n_keys = inp.positions[*scored.last().expect("non-empty")] + 1;
+    debug_assert!(
+        inp.key_blocks.len() >= n_keys.div_ceil(inp.block_size),
+        "indexer: key cache has fewer blocks than positions need"
+    );
     let keys = contiguous_keys(inp, n_keys);
     let mut chunk = ChunkScratch::default();
     for rows in scored.chunks(chunk_rows) {
@@ -130,10 +134,6 @@ fn contiguous_keys(inp: &IndexerInputs<'_>, n_keys: usize) -> Option<Vec<f32>> {
     if bs >= TILE_KEYS {
         return None;
     }
-    debug_assert!(
-        inp.key_blocks.len() >= n_keys.div_ceil(bs),
-        "indexer: key cache has fewer blocks than positions need"
-    );
     let mut keys = vec![0.0f32; n_keys * dim];
     keys.par_chunks_mut(bs * dim)
         .zip(inp.key_blocks.par_iter())
@@ -143,9 +143,10 @@ fn contiguous_keys(inp: &IndexerInputs<'_>, n_keys: usize) -> Option<Vec<f32>> {
 
 impl ChunkScratch {
     /// Fills `self.scores` for `rows`, covering keys `0..=max position` of the chunk, read
-    /// from `keys` ([`contiguous_keys`]) when given, else from the blocks in place.
+    /// from `keys` ([`contiguous_keys`]) in tiles of [`TILE_KEYS`] when given, else from the
+    /// blocks in place, a block per tile.
     fn score(&mut self, inp: &IndexerInputs<'_>, rows: &[usize], keys: Option<&[f32]>) {
-        let (heads, dim, bs) = (inp.heads, inp.dim, inp.block_size);
+        let (heads, dim) = (inp.heads, inp.dim);
         let qv = heads * dim;
         self.q.clear();
         self.weights.clear();
@@ -154,9 +155,7 @@ impl ChunkScratch {
             self.weights.extend_from_slice(&inp.weights[r * heads..(r + 1) * heads]);
         }
         let n_keys = rows.iter().map(|&r| inp.positions[r]).max().unwrap_or(0) + 1;
-        // Whole blocks per tile; a block bigger than TILE_KEYS is one tile, used in place.
-        let blocks_per_tile = TILE_KEYS.div_ceil(bs).max(1);
-        let tile = blocks_per_tile * bs;
+        let tile = if keys.is_some() { TILE_KEYS } else { inp.block_size };
         let n_tiles = n_keys.div_ceil(tile);
         let stride = n_tiles * tile;
         self.row_stride = stride;
@@ -165,10 +164,6 @@ impl ChunkScratch {
         if self.scores.len() < rows.len() * stride {
             self.scores.resize(rows.len() * stride, 0.0);
         }
-        debug_assert!(
-            inp.key_blocks.len() >= n_keys.div_ceil(bs),
-            "indexer: key cache has fewer blocks than positions need"
-        );
 
         let (q, weights) = (&self.q, &self.weights);
         let m = rows.len() * heads;
@@ -196,14 +191,21 @@ multiversion! {
     fn fold_heads(
         logits: &[f32],
         weights: &[f32],
-        scores: DisjointRows,
+        scores: DisjointRows<'_>,
         heads: usize,
         valid: usize,
     ) => fold_heads_impl
 }
 
 #[inline(always)]
-fn fold_heads_impl<S: Simd>(s: S, logits: &[f32], weights: &[f32], scores: DisjointRows, heads: usize, valid: usize) {
+fn fold_heads_impl<S: Simd>(
+    s: S,
+    logits: &[f32],
+    weights: &[f32],
+    scores: DisjointRows<'_>,
+    heads: usize,
+    valid: usize,
+) {
     if heads == 0 || valid == 0 {
         return;
     }
