@@ -34,6 +34,9 @@ const GEMM_ROWS: usize = 48;
 /// Padding of the transposed keys' row stride, so consecutive rows do not alias in L1.
 const KEY_PAD: usize = 16;
 
+/// Floats per 64-byte cache line: row strides are multiples of it, buffers start on one.
+const LINE_FLOATS: usize = 16;
+
 /// Expanded multiply-adds run this much cheaper than absorbed ones: the expanded form is
 /// block GEMMs, the absorbed one per-row dot products (`kernel-bench prefill` measured 1.4×
 /// to 1.7× more multiply-adds per second on near-dense chunks).
@@ -252,9 +255,9 @@ pub fn mla_prefill_attention(inp: &MlaPrefillInputs<'_>, out: &mut [f32]) {
         // head), so a key's scores for consecutive keys are contiguous; values n × dv.
         // Rows start on cache lines (the GEMMs load them as whole vectors): strides are
         // multiples of 16 floats and the buffers start on a 64-byte boundary.
-        let ks = n.next_multiple_of(16) + KEY_PAD;
+        let ks = n.next_multiple_of(LINE_FLOATS) + KEY_PAD;
         let keys = cache_aligned(&mut keys, h * ks * dq);
-        let vs = dv.next_multiple_of(16) + KEY_PAD;
+        let vs = dv.next_multiple_of(LINE_FLOATS) + KEY_PAD;
         let values = cache_aligned(&mut values, h * n * vs);
         keys.par_chunks_mut(ks * dq)
             .zip(values.par_chunks_mut(n * vs))
@@ -370,9 +373,8 @@ fn block_tile(
         let mask = &mut scratch.mask[i * nk..][..nk];
         if contiguous {
             // The tile's keys are consecutive positions: a selected position's slot is
-            // its offset from the first.
-            // A linear walk: the cursor normally sits at the tile's first key already,
-            // and every selected key in the tile is visited anyway.
+            // its offset from the first. A linear walk from the cursor, which normally
+            // sits at the tile's first key already.
             mask.fill(f32::NEG_INFINITY);
             let (first, last) = (keys_here[0], keys_here[nk - 1]);
             let mut c = *cur;
@@ -466,14 +468,15 @@ fn block_tile(
     }
 }
 
-/// `len` floats of `buf` (grown as needed) from its first 64-byte boundary, so that rows
-/// whose stride is a multiple of 16 floats never straddle cache lines: a vector load that
-/// does costs two.
+/// `len` floats of `buf` (grown as needed) from its first cache-line boundary, so that rows
+/// whose stride is a multiple of [`LINE_FLOATS`] never straddle two lines: a vector load
+/// that does costs two.
 fn cache_aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buf.len() < len + 15 {
-        buf.resize(len + 15, 0.0);
+    let slack = LINE_FLOATS - 1;
+    if buf.len() < len + slack {
+        buf.resize(len + slack, 0.0);
     }
-    let at = buf.as_ptr().align_offset(64).min(15);
+    let at = buf.as_ptr().align_offset(LINE_FLOATS * 4).min(slack);
     &mut buf[at..at + len]
 }
 
