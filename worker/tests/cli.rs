@@ -5,11 +5,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/golden")
-        .join(name)
-}
+mod support;
+use support::fixture;
 
 fn worker(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_worker")).args(args).output().unwrap()

@@ -1,6 +1,8 @@
 //! Fidelity against HF transformers: golden fixtures in `tests/fixtures/golden` (made by
 //! `tests/fixtures/make_golden.py`) must give identical greedy tokens and prompt logprobs
 //! within 1e-4, alone, batched, with chunked prefill, and split into layer ranges.
+//! `INDEXRELAY_FIXTURES=DIR` runs the same checks on fixtures made elsewhere (the script
+//! with other seeds writes the same six names).
 
 use std::path::{Path, PathBuf};
 
@@ -11,13 +13,10 @@ use worker::{
     Engine, EngineOptions, GenerationRequest, LayerRange, Model, ModelConfig, SamplingParams, Segment, StageInput,
 };
 
-const LOGPROB_TOL: f64 = 1e-4;
+mod support;
+use support::fixture;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/golden")
-        .join(name)
-}
+const LOGPROB_TOL: f64 = 1e-4;
 
 fn expected(name: &str) -> Value {
     let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();

@@ -24,6 +24,9 @@ use worker::{
     Segment, StageInput,
 };
 
+mod support;
+use support::fixture;
+
 /// BF16 weights and activations against the F32 CPU engine.
 const BF16_TOL: f64 = 2e-2;
 /// F32 weights: only summation order differs.
@@ -36,13 +39,6 @@ const FIXTURES: [&str; 6] = [
     "dsv32_fp8",
     "dsv32_fp8_twin",
 ];
-
-fn fixture(name: &str) -> PathBuf {
-    let root = std::env::var_os("INDEXRELAY_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden"));
-    root.join(name)
-}
 
 fn ordinal() -> usize {
     std::env::var("INDEXRELAY_TEST_DEVICE")
