@@ -254,9 +254,9 @@ impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io {
+        let text = std::fs::read_to_string(&path).map_err(|error| WorkerError::Io {
             path: path.clone(),
-            source,
+            error,
         })?;
         Self::from_json_str(&text, &path)
     }

@@ -150,9 +150,9 @@ impl Gen {
 
 /// Writes a deterministic random checkpoint with `spec`'s shape into `dir`.
 pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| WorkerError::Io {
+    std::fs::create_dir_all(dir).map_err(|error| WorkerError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     })?;
     let s = spec;
     let d = s.hidden_size;
@@ -260,9 +260,9 @@ pub fn write_synthetic_model(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap_or_default()).map_err(|source| WorkerError::Io {
+    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap_or_default()).map_err(|error| WorkerError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

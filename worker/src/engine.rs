@@ -244,6 +244,16 @@ impl<B: StepBackend> Engine<B> {
                 ),
             ));
         }
+        if req.prompt.len() > cfg.max_position_embeddings {
+            return Err(WorkerError::invalid(
+                "prompt_ids",
+                format!(
+                    "the prompt has {} tokens, past this model's maximum context length of {} tokens (max_position_embeddings)",
+                    req.prompt.len(),
+                    cfg.max_position_embeddings
+                ),
+            ));
+        }
         let total = req.prompt.len() + req.max_new_tokens;
         if total > cfg.max_position_embeddings {
             return Err(WorkerError::invalid(

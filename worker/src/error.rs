@@ -9,13 +9,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    // The I/O error is part of the message and not a `source`: a chain printed in full
+    // (`{:#}`) would say it twice.
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The underlying I/O error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// `config.json` is missing, malformed, or holds an unsupported value.
     #[error("{file}: field `{field}`: {message}")]

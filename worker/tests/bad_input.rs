@@ -164,6 +164,11 @@ fn bad_requests_are_refused_before_any_work() {
         err.contains("max_position_embeddings") && err.contains("512") && err.contains("518"),
         "{err}"
     );
+    let err = e.generate(vec![request(vec![1; 513], 1)]).unwrap_err().to_string();
+    assert!(
+        err.contains("prompt_ids") && err.contains("513 tokens") && err.contains("512"),
+        "{err}"
+    );
     let err = e.generate(vec![request(vec![], 8)]).unwrap_err().to_string();
     assert!(err.contains("prompt"), "{err}");
     let mut r = request(vec![1, 2], 2);

@@ -1,6 +1,5 @@
 //! The `worker generate` command line exactly as reviewers call it.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;

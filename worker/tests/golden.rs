@@ -4,7 +4,7 @@
 //! `INDEXRELAY_FIXTURES=DIR` runs the same checks on fixtures made elsewhere (the script
 //! with other seeds writes the same six names).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use worker::model::TopkRows;

@@ -13,7 +13,7 @@
 //! Fixtures come from `$INDEXRELAY_FIXTURES` (the GPU host runs prebuilt binaries from another
 //! checkout) or `tests/fixtures/golden`; the device from `$INDEXRELAY_TEST_DEVICE` (default 0).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use worker::gpu::{GpuBackend, GpuEngineOptions, GpuModel, GpuWeightDtype, MemoryFraction};

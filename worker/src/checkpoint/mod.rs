@@ -34,9 +34,9 @@ pub struct Checkpoint {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
-    move |source| WorkerError::Io {
+    move |error| WorkerError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -53,9 +53,9 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, TensorData>) ->
     for t in tensors.values() {
         out.extend_from_slice(&t.bytes);
     }
-    std::fs::write(path, out).map_err(|source| WorkerError::Io {
+    std::fs::write(path, out).map_err(|error| WorkerError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -83,5 +83,5 @@ pub fn write_checkpoint(dir: &Path, tensors: BTreeMap<String, TensorData>, shard
     let index = json!({"metadata": {}, "weight_map": weight_map});
     let path = dir.join("model.safetensors.index.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&index).unwrap_or_default())
-        .map_err(|source| WorkerError::Io { path, source })
+        .map_err(|error| WorkerError::Io { path, error })
 }

@@ -259,9 +259,9 @@ pub async fn serve(compute: Box<dyn StageCompute>, opts: ServeOptions) -> Result
                 }
             }
         })
-        .map_err(|source| crate::error::WorkerError::Io {
+        .map_err(|error| crate::error::WorkerError::Io {
             path: "stage-compute thread".into(),
-            source,
+            error,
         })?;
     tokio::spawn(sender(out_rx, state.clone()));
 
