@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One prefill forward of a DSA checkpoint through HF transformers on CPU, for comparison.
 
-The Rust benchmark ``dsa_bench --hf`` (worker/src/bin/dsa_bench.rs) runs this script as a
+The Rust benchmark ``dsa_bench --hf`` (worker/src/bin/dsa_bench/) runs this script as a
 child process on the same checkpoint and the same prompt token ids as the engine, and puts
 the numbers side by side. It can also be run by hand:
 
