@@ -58,9 +58,9 @@ use selection::selection_stats;
 static ALLOC: worker::huge_pages::HugePageAlloc = worker::huge_pages::HugePageAlloc;
 
 /// Pattern names the `--patterns` flag understands besides explicit F/S strings.
-pub(crate) const PATTERN_FULL: &str = "full";
+const PATTERN_FULL: &str = "full";
 /// One Full layer in four: `FSSS` repeated over the layers.
-pub(crate) const PATTERN_QUARTER: &str = "quarter";
+const PATTERN_QUARTER: &str = "quarter";
 
 /// A pattern as the user named it and as passed to the child.
 #[derive(Clone, Debug, Serialize)]
