@@ -119,12 +119,13 @@ fn dims(heads: usize, kv_rank: usize, nope_dim: usize, rope_dim: usize, v_dim: u
 
 #[test]
 fn causal_rows_across_row_blocks_and_key_tiles() {
-    // 70 rows = one full row block + a partial one; 300+ keys = two key tiles.
+    // 70 rows = one full row block + a partial one, from just below the first key tile's
+    // end: two key tiles.
     let c = Case {
         dims: dims(3, 24, 8, 4, 6),
         block_size: 7,
         rows: 70,
-        selection: Selection::Causal { start: 250 },
+        selection: Selection::Causal { start: KEY_TILE - 6 },
         scale: 0.4,
     };
     run_case(&c, 1);
@@ -132,13 +133,13 @@ fn causal_rows_across_row_blocks_and_key_tiles() {
 
 #[test]
 fn row_groups_stop_at_their_own_last_key() {
-    // Rows at 200..300: the second key tile (positions 256..) reaches the block's later
-    // row groups but not its first (positions 200..247), which must skip it.
+    // 100 rows from KEY_TILE - 56: the second key tile (positions KEY_TILE..) reaches the
+    // block's later row groups but not its first (up to KEY_TILE - 9), which must skip it.
     let c = Case {
         dims: dims(2, 16, 8, 4, 8),
         block_size: 8,
         rows: 100,
-        selection: Selection::Causal { start: 200 },
+        selection: Selection::Causal { start: KEY_TILE - 56 },
         scale: 0.5,
     };
     run_case(&c, 8);
@@ -150,7 +151,10 @@ fn sparse_rows_mask_unselected_keys() {
         dims: dims(2, 16, 8, 4, 8),
         block_size: 16,
         rows: 90,
-        selection: Selection::Sparse { start: 200, k: 33 },
+        selection: Selection::Sparse {
+            start: KEY_TILE - 56,
+            k: 33,
+        },
         scale: 0.6,
     };
     run_case(&c, 2);
@@ -158,12 +162,16 @@ fn sparse_rows_mask_unselected_keys() {
 
 #[test]
 fn sharp_softmax_rescales_across_tiles() {
-    // A large scale makes the running maximum jump between key tiles many times.
+    // A large scale makes the running maximum jump between key tiles many times (three
+    // tiles here).
     let c = Case {
         dims: dims(2, 16, 8, 4, 8),
         block_size: 64,
         rows: 20,
-        selection: Selection::Sparse { start: 600, k: 300 },
+        selection: Selection::Sparse {
+            start: 2 * KEY_TILE + 88,
+            k: 300,
+        },
         scale: 4.0,
     };
     run_case(&c, 3);
