@@ -25,7 +25,7 @@ const ROW_BLOCK: usize = 128;
 /// Keys per tile: a tile's expanded keys (heads × (nope + v) floats each) are computed once
 /// and shared by every row block; 512 keys × 16 heads × 256 floats are 8 MiB. Against 256
 /// keys, half the GEMM calls and online-softmax rescales, and a value GEMM twice as deep:
-/// `kernel-bench chunk` 7–9% faster (1024 was in between).
+/// `kernel-bench chunk` 7–11% faster (median 8%; 1024 was in between).
 const KEY_TILE: usize = 512;
 
 /// Rows per score/value GEMM call: `gemm` packs the key-side operand once the other side
